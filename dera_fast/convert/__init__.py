@@ -1,0 +1,13 @@
+"""Converters from official LARP checkpoints (drop-in loading). Submodules are imported on first use."""
+import importlib
+
+_LAZY = {"from_larp": ".larp", "from_larp_ar": ".larp_ar"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = list(_LAZY)

@@ -1,0 +1,1 @@
+"""Triton kernels, installed as dera_fast.kernels. Each module imports triton; import them lazily."""

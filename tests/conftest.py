@@ -1,0 +1,69 @@
+"""Shared test fixtures: seeding, the `backend` fixture, the tolerance rule.
+
+TRITON_INTERPRET=1 is set here, before anything imports Triton, so that the Triton kernels run on CPU tensors
+(fp32/fp16 only: the interpreter gets bf16 tl.dot wrong). Set TRITON_INTERPRET=0 in the environment to opt out.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from dera_fast import backends  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+# Per-dtype absolute floor of the tolerance rule (flash-attention's values).
+FLOOR = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.float64: 1e-10}
+
+
+def device_for(backend: str) -> str:
+    """The device a backend is tested on: CUDA when present, else CPU (Triton via the interpreter)."""
+    return "cuda" if HAS_CUDA else "cpu"
+
+
+def _backend_params():
+    for name in backends.BACKENDS:
+        dev = "cuda" if HAS_CUDA else "cpu"
+        why = backends._why_not(name, "", dev, None) if name != "cuda" else (
+            None if backends.available(dev).count("cuda") else f"extension has no {dev} kernels")
+        marks = [pytest.mark.skip(reason=f"{name} unavailable: {why}")] if why else []
+        yield pytest.param(name, marks=marks, id=name)
+
+
+@pytest.fixture(params=list(_backend_params()))
+def backend(request):
+    return request.param
+
+
+def skip_if_unsupported(backend: str, dtype: torch.dtype, device: str) -> None:
+    """The Triton interpreter computes bf16 dots wrongly (silently): skip bf16 Triton cases on CPU."""
+    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton interpreter gets bf16 tl.dot wrong; bf16 Triton runs on the GPU only")
+
+
+def ext_has(op: str, device: str) -> bool:
+    return device in backends.EXT_OPS.get(f"dera_fast_C::{op}", ())
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def assert_close_to_ref(name, out, ref_fp32, ref_lowp, floor=None):
+    """The flash-attention rule: max|out - ref| <= 2 * max|ref_lowp - ref| + floor[dtype].
+
+    ``ref_lowp`` is what plain PyTorch achieves in ``out``'s dtype; ``ref_fp32`` is the fp32 (or fp64) truth.
+    """
+    out, ref_fp32, ref_lowp = out.detach(), ref_fp32.detach(), ref_lowp.detach()
+    assert out.shape == ref_fp32.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref_fp32.shape)}"
+    floor = FLOOR[out.dtype] if floor is None else floor
+    diff = (out.double() - ref_fp32.double()).abs()
+    base = (ref_lowp.double() - ref_fp32.double()).abs().max().item() if ref_fp32.numel() else 0.0
+    err = diff.max().item() if diff.numel() else 0.0
+    assert not torch.isnan(out).any(), f"{name}: output has NaN"
+    assert err <= 2 * base + floor, (
+        f"{name}: max err {err:.3e} (mean {diff.mean().item():.3e}) > 2*{base:.3e} + {floor:g}")

@@ -1,0 +1,164 @@
+"""Backend selection policy, extension loading and fallback, packaging layout, `python -m dera_fast info`."""
+import importlib.util
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dera_fast
+from dera_fast import backends
+from dera_fast.backends import BackendUnavailableError, pick, use_backend
+
+IMPLS = {"torch": lambda: "torch", "triton": lambda: "triton", "cuda": lambda: "cuda"}
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300)
+
+
+def test_explicit_argument_wins_over_context():
+    x = torch.zeros(1)
+    with use_backend("triton" if "triton" in backends.available("cpu") else "torch"):
+        assert pick("op", IMPLS, x, "torch")[0] == "torch"
+
+
+def test_use_backend_nests_and_restores():
+    x = torch.zeros(1)
+    before = pick("op", {"torch": IMPLS["torch"]}, x)[0]
+    with use_backend("torch"):
+        assert pick("op", IMPLS, x)[0] == "torch"
+        with use_backend("auto"):
+            assert pick("op", {"torch": IMPLS["torch"]}, x)[0] == before
+        assert pick("op", IMPLS, x)[0] == "torch"
+
+
+def test_auto_prefers_extension_then_triton_then_torch():
+    x = torch.zeros(1)
+    name, _ = pick("vq_nearest", IMPLS, x, ext_op="dera_fast_C::vq_nearest")
+    if "cpu" in backends.EXT_OPS.get("dera_fast_C::vq_nearest", ()):
+        assert name == "cuda"  # the extension's C++ CPU kernel
+    # an op whose extension kernel does not exist for this device skips to the next backend
+    name, _ = pick("op", IMPLS, x, ext_op="dera_fast_C::does_not_exist")
+    assert name == ("triton" if "triton" in backends.available("cpu") else "torch")
+
+
+def test_supports_predicate_skips_backend_in_auto_mode():
+    name, _ = pick("op", {"torch": IMPLS["torch"], "triton": IMPLS["triton"]}, torch.zeros(1),
+                   supports={"triton": lambda: False})
+    assert name == "torch"
+
+
+def test_explicit_missing_backend_raises_with_what_is_available():
+    x = torch.zeros(1)
+    with pytest.raises(BackendUnavailableError, match="Usable here"):
+        pick("op", IMPLS, x, "cuda", ext_op="dera_fast_C::does_not_exist")
+    with pytest.raises(BackendUnavailableError, match="has no 'triton' backend"):
+        pick("op", {"torch": IMPLS["torch"]}, x, "triton")
+    with pytest.raises(ValueError, match="backend"):
+        pick("op", IMPLS, x, "tpu")
+    with pytest.raises(ValueError, match="use_backend"):
+        with use_backend("gpu"):
+            pass
+
+
+def test_triton_not_chosen_for_cpu_tensors_without_interpreter():
+    code = ("import torch, dera_fast\n"
+            "from dera_fast.backends import pick, BackendUnavailableError\n"
+            "impl = {'torch': 1, 'triton': 2}\n"
+            "print(pick('op', impl, torch.zeros(1))[0])\n"
+            "try:\n    pick('op', impl, torch.zeros(1), 'triton')\nexcept BackendUnavailableError as e:\n"
+            "    print('raised', 'TRITON_INTERPRET' in str(e))\n")
+    out = _run(code, TRITON_INTERPRET="0")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["torch", "raised", "True"]
+
+
+def test_env_variable_selects_backend():
+    code = "import torch, dera_fast\nprint(dera_fast.backends.pick('op', {'torch': 1, 'cuda': 2}, torch.zeros(1))[0])"
+    out = _run(code, DERA_FAST_BACKEND="torch")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "torch"
+    out = _run(code, DERA_FAST_BACKEND="bogus")
+    assert out.returncode != 0 and "DERA_FAST_BACKEND" in out.stderr
+
+
+def test_info_and_cli():
+    info = backends.info()
+    for key in ("torch", "triton", "extension_loaded", "build", "backends_cpu", "extension_ops"):
+        assert key in info
+    assert "torch" in info["backends_cpu"]
+    out = subprocess.run([sys.executable, "-m", "dera_fast", "info"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "torch" in out.stdout and "backends (cpu)" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "dera_fast", "info", "--json"], capture_output=True, text=True,
+                         timeout=300)
+    assert json.loads(out.stdout)["torch"] == torch.__version__
+
+
+def test_kernels_installed_as_subpackage_only():
+    spec = importlib.util.find_spec("dera_fast.kernels")
+    assert spec is not None and pathlib.Path(spec.origin).parent == REPO / "kernels"
+    top = importlib.util.find_spec("kernels")
+    assert top is None or pathlib.Path(top.origin or "").parent != REPO / "kernels"
+    assert not (REPO / "dera_fast" / "kernels").exists()
+
+
+def _copy_package(tmp_path) -> pathlib.Path:
+    """A standalone copy of the installed package (with its built _C, if any) to tamper with."""
+    dst = tmp_path / "site" / "dera_fast"
+    shutil.copytree(pathlib.Path(dera_fast.__file__).parent, dst, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "kernels", dst / "kernels", ignore=shutil.ignore_patterns("__pycache__"))
+    return dst
+
+
+_PROBE = ("import warnings\nwarnings.simplefilter('always')\n"
+          "with warnings.catch_warnings(record=True) as w:\n    import dera_fast, torch\n"
+          "msgs = [str(x.message) for x in w if x.category.__name__ == 'ExtensionWarning']\n"
+          "print(len(msgs)); print(msgs[0] if msgs else '')\n"
+          "print(dera_fast.backends.HAS_EXT)\n"
+          "print(dera_fast.ops.vq_nearest(torch.randn(4, 8), torch.randn(5, 8)).shape[0])\n")
+
+
+def _probe(site):
+    env = {k: v for k, v in os.environ.items() if k != "DERA_FAST_DISABLE_EXT"}
+    env["PYTHONPATH"] = str(site)
+    out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=site)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
+@pytest.mark.skipif(not backends.HAS_EXT, reason="needs a built extension to tamper with")
+def test_stale_extension_warns_once_and_falls_back(tmp_path):
+    pkg = _copy_package(tmp_path)
+    info = (pkg / "_build_info.py").read_text()
+    (pkg / "_build_info.py").write_text(info.replace(repr(torch.__version__), repr("1.13.0")))
+    lines = _probe(pkg.parent)
+    assert lines[0] == "1" and "stale" in lines[1] and "pip install --no-build-isolation" in lines[1]
+    assert lines[2:] == ["False", "4"]
+
+
+@pytest.mark.skipif(not backends.HAS_EXT, reason="needs a built extension to tamper with")
+def test_broken_extension_warns_once_and_falls_back(tmp_path):
+    pkg = _copy_package(tmp_path)
+    for so in pkg.glob("_C*.so"):
+        so.write_bytes(b"not an ELF file")
+    lines = _probe(pkg.parent)
+    assert lines[0] == "1" and "failed to load" in lines[1]
+    assert lines[2:] == ["False", "4"]
+
+
+def test_missing_extension_warns_once_and_falls_back(tmp_path):
+    pkg = _copy_package(tmp_path)
+    for so in pkg.glob("_C*.so"):
+        so.unlink()
+    lines = _probe(pkg.parent)
+    assert lines[0] == "1" and "rebuild" in lines[1].lower()
+    assert lines[2:] == ["False", "4"]
