@@ -8,7 +8,10 @@ Backends (fixed names, also used as pytest ids and benchmark labels):
 Selection order for every op call:
   1. the explicit ``backend=`` argument;
   2. ``use_backend(...)`` (innermost context wins), else the ``DERA_FAST_BACKEND`` environment variable;
-  3. automatic: ``cuda`` (if the extension has a kernel for the tensor's device), then ``triton``, then ``torch``.
+  3. automatic: ``cuda`` (if the extension has a kernel for the tensor's device), then ``triton`` (CUDA tensors
+     only), then ``torch``.
+Triton runs on CPU tensors only through its interpreter (TRITON_INTERPRET=1, set before Triton is imported), which
+is a testing tool roughly a thousand times slower than the reference: it is used only when asked for explicitly.
 A backend asked for explicitly (1 or 2) that cannot run raises :class:`BackendUnavailableError`, saying what is
 available and how to get the missing one. Automatic selection falls back silently.
 
@@ -138,6 +141,8 @@ def pick(op: str, impls: Mapping[str, Callable], x: torch.Tensor, backend: str |
                                           f"Usable here: {usable}")
         return requested, impls[requested]
     for name in BACKENDS:
+        if name == "triton" and device != "cuda":  # never the interpreter unless asked for
+            continue
         if name in impls and _why_not(name, op, device, ext_op) is None:
             if supports is None or name not in supports or supports[name]():
                 return name, impls[name]

@@ -12,6 +12,9 @@ import torch  # noqa: E402
 
 from dera_fast import backends  # noqa: E402
 
+# NOTE: the test shapes are tiny; with two intra-op threads OpenMP spin-waits cost more than the work (measured
+# 4x to 25x slower on the 2-core CI machine), so the suite runs single-threaded.
+torch.set_num_threads(1)
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 # Per-dtype absolute floor of the tolerance rule (flash-attention's values).

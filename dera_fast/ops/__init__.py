@@ -1,0 +1,8 @@
+"""Public functional API of the hot paths. Every op takes ``backend=None|"torch"|"triton"|"cuda"``."""
+from ._checks import value_checks
+from .attention import attention, attention_ref
+from .sacp import gradient_gram, sacp_project
+from .vq import codebook_cross_entropy, vq_nearest, vq_sample
+
+__all__ = ["attention", "attention_ref", "codebook_cross_entropy", "gradient_gram", "sacp_project",
+           "value_checks", "vq_nearest", "vq_sample"]
