@@ -1,0 +1,233 @@
+// Device-side building blocks shared by attention_kernels.cu (forward) and attention_kernels_bwd.cu (backward):
+// PTX wrappers (cp.async, ldmatrix, mma.sync m16n8k16), warp-level tile GEMMs, conversions, the launch helper.
+// Only for nvcc; everything sits in an anonymous namespace, so each .cu gets its own private copy.
+// tests/test_attention_cuda_host.py runs the kernels on the CPU by replacing the "PTX wrappers" section and
+// launch_kernel with an emulation: keep those two section comments as they are.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstring>
+#include <type_traits>
+
+#include "attention_kernels.h"
+
+namespace dera_fast::attn {
+namespace {
+
+constexpr int kThreads = 128;  // 4 warps in every kernel
+constexpr int kWarps = kThreads / 32;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kInf = __builtin_huge_valf();
+constexpr int kPad = 8;  // 16-bit elements of padding per smem row: rows start 16 bytes apart mod 128, so the
+                         // 8 row addresses of an ldmatrix hit 8 different bank groups
+constexpr int kRowsPerCta = 16;  // combine and delta kernels: one warp per row, 4 rows per warp
+
+template <Dtype DT> struct Elem;
+template <> struct Elem<Dtype::kFloat32> { using T = float; };
+template <> struct Elem<Dtype::kFloat16> { using T = __half; };
+template <> struct Elem<Dtype::kBFloat16> { using T = __nv_bfloat16; };
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// Two floats -> one 32-bit register of two 16-bit values, `lo` in the low half (the lower column index).
+template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  uint32_t u;
+  memcpy(&u, &v, 4);
+  return u;
+}
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  uint32_t u;
+  memcpy(&u, &v, 4);
+  return u;
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+__device__ __forceinline__ float warp_sum(float x) {
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+// Reduction over the 4 lanes of an mma quad (they share the rows g and g + 8 of a fragment).
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// PTX wrappers (sm_80+). "memory" clobbers keep them ordered with the surrounding smem accesses/barriers.
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// 16-byte global -> shared copy; with pred false it writes 16 zero bytes and reads nothing (ragged tails).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool pred) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+               "r"(pred ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p))
+               : "memory");
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p))
+               : "memory");
+}
+// c[16x8] += a[16x16] * b[16x8]; fragment layouts as in the PTX ISA (g = lane / 4, t = lane % 4):
+// a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..); b0 (k 2t..2t+1, n g), b1 (k 2t+8.., n g);
+// c0 c1 (g, 2t..2t+1), c2 c3 (g+8, 2t..2t+1).
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Warp-level tile GEMMs on padded row-major smem tiles (row stride LD elements). ldmatrix x4: lane L gives the
+// address of row L % 8 of 8x8 matrix L / 8; register i receives matrix i.
+
+// A operand, 16x16 block at (r0, c0): matrices (rows +0, cols +0), (+8, +0), (+0, +8), (+8, +8) = a0..a3.
+template <int LD, typename T>
+__device__ __forceinline__ void ldsm_a(uint32_t (&a)[4], const T* s, int r0, int c0) {
+  const int lane = threadIdx.x & 31, mat = lane >> 3;
+  ldsm_x4(a, s + (r0 + (lane & 7) + (mat & 1) * 8) * LD + c0 + (mat >> 1) * 8);
+}
+template <int KT, int LD, typename T>
+__device__ __forceinline__ void load_a(uint32_t (&a)[KT][4], const T* s, int r0) {
+#pragma unroll
+  for (int kk = 0; kk < KT; ++kk) ldsm_a<LD>(a[kk], s, r0, kk * 16);
+}
+
+// acc[16 x 8NT] += A[16 x 16KT] * S^T where S is smem [8NT rows (n)][16KT cols (k)] (e.g. Q K^T with S = K).
+// B[k][n] = S[n][k]: b0 of n-tile n0 is matrix (rows n0.., cols k0..), b1 is (n0.., k0+8..): no transpose.
+template <typename T, int KT, int NT, int LD>
+__device__ __forceinline__ void gemm_nt(float (&acc)[NT][4], const uint32_t (&a)[KT][4], const T* s) {
+  static_assert(NT % 2 == 0, "n tiles come in pairs");
+  const int lane = threadIdx.x & 31, mat = lane >> 3;
+  const int r = (lane & 7) + (mat >> 1) * 8, c = (mat & 1) * 8;
+#pragma unroll
+  for (int kk = 0; kk < KT; ++kk) {
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np) {
+      uint32_t b[4];
+      ldsm_x4(b, s + (np * 16 + r) * LD + kk * 16 + c);
+      mma16816<T>(acc[2 * np], a[kk], b[0], b[1]);
+      mma16816<T>(acc[2 * np + 1], a[kk], b[2], b[3]);
+    }
+  }
+}
+
+// acc[16 x 8NT] += A[16 x 16KT] * S where S is smem [16KT rows (k)][8NT cols (n)] (e.g. P V with S = V).
+// B[k][n] = S[k][n]: transposed ldmatrix; b0 of n-tile n0 is matrix (rows k0.., cols n0..), b1 (k0+8.., n0..).
+template <typename T, int KT, int NT, int LD>
+__device__ __forceinline__ void gemm_nn(float (&acc)[NT][4], const uint32_t (&a)[KT][4], const T* s) {
+  static_assert(NT % 2 == 0, "n tiles come in pairs");
+  const int lane = threadIdx.x & 31, mat = lane >> 3;
+  const int r = (lane & 7) + (mat & 1) * 8, c = (mat >> 1) * 8;
+#pragma unroll
+  for (int kk = 0; kk < KT; ++kk) {
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np) {
+      uint32_t b[4];
+      ldsm_x4_trans(b, s + (kk * 16 + r) * LD + np * 16 + c);
+      mma16816<T>(acc[2 * np], a[kk], b[0], b[1]);
+      mma16816<T>(acc[2 * np + 1], a[kk], b[2], b[3]);
+    }
+  }
+}
+
+// fp32 accumulators of a 16 x 16KT tile -> A fragments (rounded to T): n-tiles 2kk and 2kk+1 form k-step kk.
+template <typename T, int KT>
+__device__ __forceinline__ void acc_to_a(uint32_t (&a)[KT][4], const float (&c)[2 * KT][4]) {
+#pragma unroll
+  for (int kk = 0; kk < KT; ++kk) {
+    a[kk][0] = pack2<T>(c[2 * kk][0], c[2 * kk][1]);
+    a[kk][1] = pack2<T>(c[2 * kk][2], c[2 * kk][3]);
+    a[kk][2] = pack2<T>(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+    a[kk][3] = pack2<T>(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+  }
+}
+
+template <int NT>
+__device__ __forceinline__ void zero(float (&acc)[NT][4]) {
+#pragma unroll
+  for (int i = 0; i < NT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+}
+
+// Rows [row0, row0 + ROWS) of the row-major [n_rows, D] matrix `base` -> smem (row stride D + kPad), async.
+// Rows at or past n_rows are zero-filled.
+template <typename T, int ROWS, int D>
+__device__ __forceinline__ void load_tile_async(T* s, const T* base, int row0, int n_rows) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  for (int c = threadIdx.x; c < ROWS * kChunks; c += kThreads) {
+    const int r = c / kChunks, col = (c % kChunks) * 8;
+    const bool ok = row0 + r < n_rows;
+    cp_async16(s + r * (D + kPad) + col, ok ? base + static_cast<int64_t>(row0 + r) * D + col : base, ok);
+  }
+}
+
+// Store the 16 x D accumulator rows of this warp (scaled by mul[0] for row g, mul[1] for row g + 8) as T.
+template <typename T, int D>
+__device__ __forceinline__ void store_acc(T* out, const float (&acc)[D / 8][4], int row_g, int n_rows,
+                                          const float (&mul)[2]) {
+  const int t = threadIdx.x & 3;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (row_g + 8 * r >= n_rows) continue;
+    uint32_t* dst = reinterpret_cast<uint32_t*>(out + static_cast<int64_t>(row_g + 8 * r) * D + 2 * t);
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) dst[dt * 4] = pack2<T>(acc[dt][2 * r] * mul[r], acc[dt][2 * r + 1] * mul[r]);
+  }
+}
+
+// Launch `kernel` on `grid` x kThreads with `smem` bytes of dynamic shared memory; empty grids launch nothing.
+inline cudaError_t launch_kernel(void (*kernel)(Params), dim3 grid, size_t smem, const Params& p,
+                                 cudaStream_t stream) {
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
+  if (grid.y > 65535 || grid.z > 65535) return cudaErrorInvalidConfiguration;
+  if (smem > 48 * 1024) {  // above 48 KiB, dynamic shared memory needs an explicit opt-in (sm_80+: up to 227 KiB)
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<grid, kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+}  // namespace dera_fast::attn
