@@ -96,8 +96,14 @@ def _read_clip_video(path, model, fps):
 
 # ---------------------------------------------------------------------------------------------------- commands
 def _cmd_demo(args) -> int:
+    import torch
+
     from dera_fast.demo import run_demo
 
+    if args.threads is None:
+        # NOTE: the demo's tensors are tiny; one thread is as fast on an idle 2-core CPU and far faster when the
+        # cores are shared (OpenMP threads spin-wait on busy cores).
+        torch.set_num_threads(1)
     run_demo(out=args.out, steps=args.steps, gen_steps=args.gen_steps, device=str(_device(args)),
              progress=not args.no_progress, teacher_image=args.teacher_image, teacher_video=args.teacher_video,
              perceptual_weights=args.perceptual_weights)
@@ -221,10 +227,9 @@ def _cmd_reconstruct(args) -> int:
         recon = recon[:, : video.shape[1]]
         video = video[:, : recon.shape[1]]
     if args.metrics and video is not None:
-        rng = cfg.pixel_range[1] - cfg.pixel_range[0]
         x, y = video[None].float(), recon[None]
-        print(f"PSNR {float(metrics.psnr(x, y, data_range=rng)):.2f} dB  "
-              f"SSIM {float(metrics.ssim(x, y, data_range=rng)):.4f}")
+        print(f"PSNR {float(metrics.psnr(x, y, value_range=cfg.pixel_range)):.2f} dB  "
+              f"SSIM {float(metrics.ssim(x, y, value_range=cfg.pixel_range)):.4f}")
     if args.side_by_side and video is not None:
         viz.save_video_grid([video[None].float(), recon[None]], args.output, fps, value_range=cfg.pixel_range)
     else:
@@ -279,7 +284,7 @@ def _cmd_bench(args) -> int:
     from dera_fast.demo import bench
 
     rows = bench(preset=args.preset, what=args.what.split(","), batch=args.batch, iters=args.iters,
-                 device=str(_device(args)), dtype=_dtype(args, _device(args)))
+                 device=str(_device(args)), dtype=_dtype(args, _device(args)), backend=args.backend)
     for r in rows:
         print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
     if args.json:
@@ -299,7 +304,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="auto = bf16 on CUDA, fp32 on CPU")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"],
                    help="kernel backend for dera_fast ops")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; the demo uses 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -395,7 +401,10 @@ def _run(args) -> int:
         torch.set_num_threads(args.threads)
     if getattr(args, "dtype", "auto") == "fp16":
         logging.getLogger("dera_fast").warning("fp16 can overflow in these models; bf16 is the safe low precision")
-    with use_backend(getattr(args, "backend", "auto")):
+    backend = getattr(args, "backend", "auto")
+    if backend == "auto":  # leave the choice to DERA_FAST_BACKEND / an enclosing use_backend()
+        return args.func(args)
+    with use_backend(backend):
         return args.func(args)
 
 
@@ -405,8 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    if int(os.environ.get("RANK", "0")) == 0:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 talks
+    logging.basicConfig(level=logging.INFO if main_rank else logging.ERROR, format="%(message)s")
     if os.environ.get("DERA_FAST_DEBUG") == "1":  # full tracebacks for bug reports
         return _run(args)
     from dera_fast.backends import BackendUnavailableError
