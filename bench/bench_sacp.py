@@ -113,6 +113,10 @@ def _hbm():
     return next((v for k, v in HBM_GBPS.items() if k in name), None)
 
 
+def dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def _run(run_bench, op, size, depth, d, dtype, groups, variant):
     _skip(size, variant, dtype)
     if variant == "libmtl" and groups == "tensor":
@@ -125,8 +129,8 @@ def _run(run_bench, op, size, depth, d, dtype, groups, variant):
     bytes_moved = numel * el * (2 if op == "gram" else 5)
     syncs = _count_syncs(fn)
     t = run_bench(fn, bytes_moved=bytes_moved, inner=None if HAS_CUDA else 1, rounds=None if HAS_CUDA else 2,
-                  variant=variant, dtype=str(dtype).replace("torch.", ""), groups=groups, params=numel,
-                  tensors=len(a), host_syncs=syncs)
+                  backend=variant, shape=f"{size}-{dtype_name(dtype)}-{groups}", dtype=dtype_name(dtype),
+                  groups=groups, params=numel, tensors=len(a), host_syncs=syncs)
     return t, bytes_moved, _hbm()
 
 

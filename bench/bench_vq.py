@@ -111,7 +111,8 @@ def bench_vq_nearest_cpu(run_bench, benchmark, backend):
 
 
 def _timed(run_bench, benchmark, key, backend, fn, N, K, D, *, flops_factor=1, **extra):
-    t = run_bench(fn, pairs=N * K, flops=2 * N * K * D * flops_factor, backend=backend, N=N, K=K, D=D, **extra)
+    t = run_bench(fn, pairs=N * K, flops=2 * N * K * D * flops_factor, backend=backend, shape=f"N{N}-K{K}-D{D}",
+                  N=N, K=K, D=D, **extra)
     if backend == "naive":
         _baseline_ms[key] = t * 1e3
     elif key in _baseline_ms:  # the naive case of the same shape ran first in this group

@@ -41,7 +41,7 @@ def load_rows(paths) -> list[dict]:
             unit = next((u for u in UNITS if u in extra), "calls/s")
             value = extra[unit] if unit in extra else 1e3 / ms
             parts = [p for p in str(b.get("param") or "").split("-") if p and p != backend]
-            rows.append({"group": b.get("group") or b["name"].split("[")[0], "shape": "-".join(parts) or "-",
+            rows.append({"group": b.get("group") or b["name"].split("[")[0], "shape": extra.get("shape") or "-".join(parts) or "-",
                          "backend": backend, "ms": ms, "value": value, "unit": unit, "device": extra.get("device", ""),
                          "ratio": extra.get("speedup"), "baseline_ms": extra.get("baseline_ms")})
     if not rows:
