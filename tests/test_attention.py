@@ -3,10 +3,6 @@
 Triton runs under TRITON_INTERPRET=1 on CPU here, so its shapes stay small; L = 1023 and 2048 run on the torch
 backend (and on every backend on a GPU).
 """
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -311,69 +307,3 @@ def test_bad_input(name):
     q, k, v = kw.pop("q"), kw.pop("k"), kw.pop("v")
     with pytest.raises(exc, match=match):
         attention(q, k, v, **kw)
-
-
-# ---- the Triton kernels compile for Hopper (the interpreter does not catch dot shapes or shared-memory overflow) --
-
-_AOT_SCRIPT = r"""
-import importlib.util, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-spec = importlib.util.spec_from_file_location("_aot_attention", sys.argv[1])
-mod = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(mod)
-TENSORS, ROWS = ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ"), ("LSE", "DELTA")
-kinds = {"_attention_fwd_kernel": "fwd", "_attention_bwd_dkdv_kernel": "dkdv", "_attention_bwd_dq_kernel": "dq"}
-for name, kind in kinds.items():
-    fn = getattr(mod, name)
-    for dtype in ("bf16", "fp32"):
-        for block_d in (16, 64, 128):
-            bm, bn, warps, stages = mod._GPU_BLOCKS[(kind, max(block_d, 64), 4 if dtype == "fp32" else 2)]
-            # the forward also runs with the query block shrunk to 16 rows for short-Lq calls
-            for bm, warps in ([(bm, warps), (16, 4)] if kind == "fwd" else [(bm, warps)]):
-                # varlen + causal compiles every branch of the kernel body
-                consts = dict(VARLEN=True, CAUSAL=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
-                              DOT_PREC="ieee" if dtype == "fp32" else "tf32")
-                sig = {a: ("constexpr" if a in consts else f"*{dtype}" if a in TENSORS else "*fp32" if a in ROWS
-                           else "*i32" if a.startswith("CU_") else "fp32" if a == "scale" else "i32")
-                       for a in fn.arg_names}
-                try:  # Triton >= 3.9 keys constexprs by name, 3.6 by argument path
-                    src = ASTSource(fn, sig, constexprs=consts)
-                except (TypeError, KeyError, AttributeError):
-                    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-                k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                   options={"num_warps": warps, "num_stages": stages})
-                assert ".target sm_90" in k.asm["ptx"] and k.asm.get("cubin"), name
-                print(name, dtype, block_d, "shared", k.metadata.shared)
-for name in ("_attention_merge_kernel", "_attention_bwd_preprocess_kernel"):
-    fn = getattr(mod, name)
-    consts = dict(BLOCK_R=64, BLOCK_D=128)
-    sig = {a: ("constexpr" if a in consts else "*bf16" if a in ("O", "DO") else
-               "*fp32" if a in ("OP", "LSEP", "LSE", "DELTA") else "i32") for a in fn.arg_names}
-    try:
-        src = ASTSource(fn, sig, constexprs=consts)
-    except (TypeError, KeyError, AttributeError):
-        src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    print(name, "bf16", 128, "shared", k.metadata.shared)
-"""
-SMEM_LIMIT = 227 * 1024  # usable shared memory per block on H100/H200
-
-
-@pytest.mark.slow
-def test_triton_kernels_compile_for_sm90(tmp_path):
-    """Every (kernel, dtype, head-dim bucket) config the launchers pick compiles to an sm_90a cubin that fits SMEM.
-
-    Runs in a subprocess with the interpreter off: compiling for the GPU inside an interpreter-mode process trips
-    over Triton's interpreter-mode objects.
-    """
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path), "TRITON_DEFAULT_FP_FUSION": "1"}
-    kernels = pathlib.Path(__file__).resolve().parents[1] / "kernels" / "attention.py"
-    res = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, str(kernels)], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    shared = [int(line.split()[-1]) for line in res.stdout.splitlines() if " shared " in line]
-    assert len(shared) == 26, res.stdout
-    assert max(shared) <= SMEM_LIMIT, res.stdout
