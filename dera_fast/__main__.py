@@ -144,13 +144,15 @@ def _train_config(args):
 def _cmd_train(args) -> int:
     cfg = _train_config(args)
     out = args.out or f"runs/{args.what}"
+    from dera_fast.train.loop import run_training
+
     if args.what == "tokenizer":
-        from dera_fast.train.tokenizer import run
+        from dera_fast.train.tokenizer import TokenizerTrainer as Trainer
     else:
-        from dera_fast.train.generator import run
+        from dera_fast.train.generator import GeneratorTrainer as Trainer
     if args.dtype in ("fp32", "float32"):
         cfg.amp = "off"
-    result = run(cfg, out, device=args.device, progress=not args.no_progress, resume=args.resume)
+    result = run_training(Trainer, cfg, out, device=args.device, progress=not args.no_progress, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: round(v, 4) for k, v in result.items()}))
         print(f"model written to {Path(out) / 'model'}")

@@ -7,7 +7,6 @@ root (bf16 params / fp32 reductions on CUDA). Checkpoints gather full state dict
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from torch.utils.data import Dataset
 
 from .._config import PresetConfig
 from . import checkpoint as ckpt
-from .distributed import DistInfo, cleanup, init_distributed, mean_across_ranks
+from .distributed import DistInfo, init_distributed, mean_across_ranks
 from .loop import BatchStream, MetricsLog, autocast, progress_bar
 from .optim import EMA, decay_split, make_adam, schedule_mult, set_lr
 from .tokens import load_tokens
@@ -235,18 +234,3 @@ class GeneratorTrainer:
         ckpt.set_rng_state(state["rng"])
         self.step = step
         return True
-
-
-def run(cfg: GeneratorTrainConfig, out_dir: str | Path, *, device: str = "auto", progress: bool = True,
-        resume: bool = False) -> dict[str, float]:
-    """Train from a config (the ``train generator`` command); safe under torchrun."""
-    trainer = GeneratorTrainer(cfg, out_dir, device=device, progress=progress)
-    try:
-        if trainer.info.is_main:
-            trainer.out.mkdir(parents=True, exist_ok=True)
-            (trainer.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        if resume:
-            trainer.resume()
-        return trainer.train()
-    finally:
-        cleanup()

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
-from .distributed import DistInfo, shard_indices
+from .distributed import DistInfo, cleanup, shard_indices
 
 
 class BatchStream:
@@ -106,3 +106,18 @@ def autocast(device: torch.device, amp: str):
     if device.type == "cuda" and amp != "off":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def run_training(trainer_cls, cfg, out_dir, *, device: str = "auto", progress: bool = True,
+                 resume: bool = False) -> dict[str, float]:
+    """Build ``trainer_cls(cfg, out_dir, ...)``, record its config, optionally resume, train; safe under torchrun."""
+    trainer = trainer_cls(cfg, out_dir, device=device, progress=progress)
+    try:
+        if trainer.info.is_main:
+            trainer.out.mkdir(parents=True, exist_ok=True)
+            (trainer.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        if resume:
+            trainer.resume()
+        return trainer.train()
+    finally:
+        cleanup()

@@ -12,7 +12,6 @@ writes files.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from dera_fast.models.teachers import compute_targets
 
 from .._config import PresetConfig
 from . import checkpoint as ckpt
-from .distributed import DistInfo, cleanup, init_distributed, mean_across_ranks
+from .distributed import DistInfo, init_distributed, mean_across_ranks
 from .loop import BatchStream, MetricsLog, autocast, progress_bar
 from .losses import LeCam, TransformerDiscriminator, build_perceptual, d_loss_ns_smooth, g_loss_ns, l1_loss
 from .optim import EMA, make_adam, param_groups, schedule_mult, set_lr
@@ -423,18 +422,3 @@ class TokenizerTrainer:
         if self.info.is_main:
             log.info("resumed from %s (step %d)", where, step)
         return True
-
-
-def run(cfg: TokenizerTrainConfig, out_dir: str | Path, *, device: str = "auto", progress: bool = True,
-        resume: bool = False) -> dict[str, float]:
-    """Train from a config (the ``train tokenizer`` command); safe under torchrun."""
-    trainer = TokenizerTrainer(cfg, out_dir, device=device, progress=progress)
-    try:
-        if trainer.info.is_main:
-            trainer.out.mkdir(parents=True, exist_ok=True)
-            (trainer.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        if resume:
-            trainer.resume()
-        return trainer.train()
-    finally:
-        cleanup()
