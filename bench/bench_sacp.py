@@ -128,7 +128,7 @@ def _run(run_bench, op, size, depth, d, dtype, groups, variant):
     # minimum traffic: gram reads a and b; project reads them twice (gram, combine) and writes out once
     bytes_moved = numel * el * (2 if op == "gram" else 5)
     syncs = _count_syncs(fn)
-    t = run_bench(fn, bytes_moved=bytes_moved, inner=None if HAS_CUDA else 1, rounds=None if HAS_CUDA else 2,
+    t = run_bench(fn, bytes_moved=bytes_moved,
                   backend=variant, shape=f"{size}-{dtype_name(dtype)}-{groups}", dtype=dtype_name(dtype),
                   groups=groups, params=numel, tensors=len(a), host_syncs=syncs)
     return t, bytes_moved, _hbm()

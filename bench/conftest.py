@@ -39,7 +39,7 @@ def run_bench(benchmark):
 
     def run(fn, *, flops=None, bytes_moved=None, pairs=None, tokens=None, inner=None, rounds=None, **extra):
         inner = inner or (20 if HAS_CUDA else 1)
-        rounds = rounds or (15 if HAS_CUDA else 3)
+        rounds = rounds or (15 if HAS_CUDA else 5)
         fn()
         _sync()  # compile / autotune / first-call costs stay outside the timing
         if HAS_CUDA:
@@ -51,7 +51,7 @@ def run_bench(benchmark):
                 fn()
             _sync()
 
-        benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1 if HAS_CUDA else 0)
+        benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1)
         t = benchmark.stats.stats.median / inner
         ei = benchmark.extra_info
         ei.update(machine_info())
