@@ -8,7 +8,6 @@ root (bf16 params / fp32 reductions on CUDA). Checkpoints gather full state dict
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,8 @@ from torch.utils.data import Dataset
 
 from .._config import PresetConfig
 from . import checkpoint as ckpt
-from .distributed import DistInfo, init_distributed, mean_across_ranks
-from .loop import BatchStream, MetricsLog, autocast, progress_bar
+from .distributed import DistInfo, init_distributed
+from .loop import BatchStream, MetricsLog, autocast, run_steps
 from .optim import EMA, decay_split, make_adam, schedule_mult, set_lr
 from .tokens import load_tokens
 
@@ -153,31 +152,8 @@ class GeneratorTrainer:
         return {"loss": float(loss.detach()), "lr": cfg.lr * mult}
 
     def train(self, on_log=None) -> dict[str, float]:
-        cfg = self.cfg
-        bar = progress_bar(cfg.steps, self.step, "train generator", self.progress)
-        last: dict[str, float] = {}
-        t0, toks, tic = time.perf_counter(), 0, time.perf_counter()
-        try:
-            while self.step < cfg.steps:
-                batch = next(self.stream)
-                logs = self.train_step(batch)
-                toks += batch["ids"].numel() * self.info.world_size
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    logs["tokens_per_s"] = toks / max(time.perf_counter() - tic, 1e-9)
-                    toks, tic = 0, time.perf_counter()
-                    last = mean_across_ranks(logs, self.info)
-                    self.metrics.write(self.step, last)
-                    bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
-                    if on_log is not None:
-                        on_log(self.step, last)
-                bar.update(1)
-                if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
-                    self.save_checkpoint()
-        finally:
-            bar.close()
-        self.save_checkpoint()
-        last["train_seconds"] = time.perf_counter() - t0
-        return last
+        return run_steps(self, desc="train generator", rate_key="tokens_per_s", count=lambda b: b["ids"].numel(),
+                         postfix={"loss": ("loss", "{:.3f}"), "tok_s": ("tokens_per_s", "{:.0f}")}, on_log=on_log)
 
     # ------------------------------------------------------------------ checkpoints
     def _full_states(self) -> tuple[dict, dict]:

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
-from .distributed import DistInfo, cleanup, shard_indices
+from .distributed import DistInfo, cleanup, mean_across_ranks, shard_indices
 
 
 class BatchStream:
@@ -121,3 +121,41 @@ def run_training(trainer_cls, cfg, out_dir, *, device: str = "auto", progress: b
         return trainer.train()
     finally:
         cleanup()
+
+
+def run_steps(trainer, *, desc: str, rate_key: str, count, postfix: dict, on_log=None, after_step=None) -> dict:
+    """The step loop both trainers share, from ``trainer.step`` to ``trainer.cfg.steps``.
+
+    Every ``log_every`` steps the logs (plus ``rate_key``: ``count(batch)`` units per second over all ranks) are
+    averaged across ranks, written to the JSONL log, shown on the bar (``postfix``: label -> (key, format)) and
+    passed to ``on_log(step, values)``; checkpoints every ``ckpt_every`` steps and once at the end.
+    Returns the last logged values plus ``train_seconds``.
+    """
+    cfg = trainer.cfg
+    bar = progress_bar(cfg.steps, trainer.step, desc, trainer.progress)
+    last: dict[str, float] = {}
+    t0 = tic = time.perf_counter()
+    done = 0
+    try:
+        while trainer.step < cfg.steps:
+            batch = next(trainer.stream)
+            logs = trainer.train_step(batch)
+            done += count(batch) * trainer.info.world_size
+            if trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps:
+                logs[rate_key] = done / max(time.perf_counter() - tic, 1e-9)
+                done, tic = 0, time.perf_counter()
+                last = mean_across_ranks(logs, trainer.info)
+                trainer.metrics.write(trainer.step, last)
+                bar.set_postfix({label: fmt.format(last[key]) for label, (key, fmt) in postfix.items()})
+                if on_log is not None:
+                    on_log(trainer.step, last)
+            bar.update(1)
+            if cfg.ckpt_every and trainer.step % cfg.ckpt_every == 0 and trainer.step < cfg.steps:
+                trainer.save_checkpoint()
+            if after_step is not None:
+                after_step(batch)
+    finally:
+        bar.close()
+    trainer.save_checkpoint()
+    last["train_seconds"] = time.perf_counter() - t0
+    return last

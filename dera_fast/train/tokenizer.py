@@ -13,7 +13,6 @@ writes files.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,8 @@ from dera_fast.models.teachers import compute_targets
 
 from .._config import PresetConfig
 from . import checkpoint as ckpt
-from .distributed import DistInfo, init_distributed, mean_across_ranks
-from .loop import BatchStream, MetricsLog, autocast, progress_bar
+from .distributed import DistInfo, init_distributed
+from .loop import BatchStream, MetricsLog, autocast, run_steps
 from .losses import LeCam, TransformerDiscriminator, build_perceptual, d_loss_ns_smooth, g_loss_ns, l1_loss
 from .optim import EMA, make_adam, param_groups, schedule_mult, set_lr
 
@@ -330,34 +329,16 @@ class TokenizerTrainer:
         ``on_log(step, values)`` is called on every rank after each logged step.
         """
         cfg = self.cfg
-        bar = progress_bar(cfg.steps, self.step, "train tokenizer", self.progress)
-        last: dict[str, float] = {}
-        t0, clips, tic = time.perf_counter(), 0, time.perf_counter()
-        try:
-            while self.step < cfg.steps:
-                batch = next(self.stream)
-                logs = self.train_step(batch)
-                clips += batch["video"].shape[0] * self.info.world_size
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    logs["clips_per_s"] = clips / max(time.perf_counter() - tic, 1e-9)
-                    clips, tic = 0, time.perf_counter()
-                    last = mean_across_ranks(logs, self.info)
-                    self.metrics.write(self.step, last)
-                    bar.set_postfix(loss=f"{last['loss']:.3f}", psnr=f"{last['psnr']:.2f}",
-                                    clips_s=f"{last['clips_per_s']:.1f}")
-                    if on_log is not None:
-                        on_log(self.step, last)
-                bar.update(1)
-                if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
-                    self.save_checkpoint()
-                if cfg.vis_every and self.step % cfg.vis_every == 0:
-                    self.write_grid(batch["video"][:4], self.out / "samples" / f"recon_{self.step:07d}.png")
-        finally:
-            bar.close()
-        self.save_checkpoint()
+
+        def visualise(batch):
+            if cfg.vis_every and self.step % cfg.vis_every == 0:
+                self.write_grid(batch["video"][:4], self.out / "samples" / f"recon_{self.step:07d}.png")
+
+        last = run_steps(self, desc="train tokenizer", rate_key="clips_per_s", count=lambda b: b["video"].shape[0],
+                         postfix={"loss": ("loss", "{:.3f}"), "psnr": ("psnr", "{:.2f}"),
+                                  "clips_s": ("clips_per_s", "{:.1f}")}, on_log=on_log, after_step=visualise)
         if self.info.is_main:
             self.export(self.out / "model")
-        last["train_seconds"] = time.perf_counter() - t0
         return last
 
     # ------------------------------------------------------------------ outputs
