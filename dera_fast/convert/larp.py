@@ -17,7 +17,7 @@ from torch import Tensor
 
 from dera_fast.models.config import TokenizerConfig
 from dera_fast.models.larp import LARPTokenizer
-from dera_fast.models.tokenizer_base import load_state_dict_strict
+from dera_fast.models.tokenizer_base import load_state_dict_strict, rename_key
 
 # GPTC presets of LARP's models/gptc.py: name -> (n_layer, n_head, n_embd)
 GPTC_SIZES = {"gptc-L": (24, 16, 1024), "gptc-B": (12, 12, 768), "gptc-M": (12, 8, 512),
@@ -122,11 +122,7 @@ def map_larp_state_dict(state: dict[str, Tensor], *, prior: bool = True) -> tupl
             continue
         if not prior and key.startswith("prior_model."):
             continue
-        for pattern, template in KEY_MAP:
-            if re.fullmatch(pattern, key):
-                key = re.sub(pattern, template, key)
-                break
-        mapped[key] = value
+        mapped[rename_key(key, KEY_MAP) or key] = value
     return mapped, fixed
 
 

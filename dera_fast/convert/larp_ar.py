@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from dera_fast.models.ar import ARGenerator, GeneratorConfig
+from dera_fast.models.tokenizer_base import rename_key
 
 # LARP key regex -> dera_fast key template
 KEY_MAP = [
@@ -41,12 +42,11 @@ def convert_state_dict(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     for key, value in sd.items():
         if IGNORED.fullmatch(key):
             continue
-        for pat, rep in KEY_MAP:
-            if re.fullmatch(pat, key):
-                out[re.sub(pat, rep, key)] = value
-                break
-        else:
+        new = rename_key(key, KEY_MAP)
+        if new is None:
             unknown.append(key)
+        else:
+            out[new] = value
     if unknown:
         raise ValueError(f"unexpected LARP_AR keys (not a llama-abs checkpoint?): {unknown[:8]}")
     if "pos_emb" in out:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from dera_fast import ops
 
 from .dera import AlignTargets
-from .tokenizer_base import load_state_dict_strict
+from .tokenizer_base import load_state_dict_strict, rename_key
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -154,11 +154,7 @@ def _rename(state: dict[str, Tensor], rules: list[tuple[str, str]], drop: str) -
     for key, value in state.items():
         if re.fullmatch(drop, key):
             continue
-        for pattern, template in rules:
-            if re.fullmatch(pattern, key):
-                key = re.sub(pattern, template, key)
-                break
-        out[key] = value
+        out[rename_key(key, rules) or key] = value
     return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import abc
 import json
 import os
+import re
 from typing import Any
 
 import torch
@@ -276,6 +277,14 @@ class TokenizerBase(nn.Module, abc.ABC):
         model = cls(TokenizerConfig.from_dict(config))
         load_state_dict_strict(model, load_file(w_path, device=str(device)), source=w_path)
         return model.to(device).eval()
+
+
+def rename_key(key: str, rules: list[tuple[str, str]]) -> str | None:
+    """Apply the first (regex, template) rule that fully matches ``key``; None if no rule matches."""
+    for pattern, template in rules:
+        if re.fullmatch(pattern, key):
+            return re.sub(pattern, template, key)
+    return None
 
 
 def load_state_dict_strict(model: nn.Module, state: dict[str, Tensor], *, source: str) -> None:
