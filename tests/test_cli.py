@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from dera_fast.__main__ import main
+from dera_fast.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 import json
 
 
-from dera_fast.__main__ import main
+from dera_fast.cli import main
 
 
 def test_short_demo(tmp_path, capsys):
