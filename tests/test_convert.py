@@ -208,3 +208,88 @@ def test_unsupported_options_are_reported(tmp_path):
 def test_lazy_export():
     import dera_fast.convert
     assert dera_fast.convert.from_larp is from_larp
+
+
+# ------------------------------------------------------------------------------------------ convert-teacher
+def _teacher_checkpoints(tmp_path):
+    """An InternVideo2 training checkpoint (.pth, clip heads included) and an HF DINOv2 folder, tiny sizes."""
+    from test_internvideo2 import make_config, official_state
+    from test_teachers import _dinov2_hub, _hub_to_hf
+
+    from dera_fast.models.teachers import ImageViTConfig
+
+    c = make_config("D32-H2-L2-p8-t1-f4-s32-native")
+    torch.save({"model": official_state(c), "epoch": 7}, tmp_path / "iv2.pth")
+    icfg = ImageViTConfig(dim=32, depth=2, heads=2, patch=8, image_size=32, pos_grid=3)
+    (tmp_path / "dinov2").mkdir()
+    save_file(_hub_to_hf(_dinov2_hub(icfg), icfg), str(tmp_path / "dinov2" / "model.safetensors"))
+    return c, icfg
+
+
+IV2_SET = ["--set", "dim=32", "--set", "heads=2", "--set", "depth=2", "--set", "patch=8", "--set", "frames=4",
+           "--set", "image_size=32", "--set", "pos_frames=4", "--set", "pos_grid=4"]
+DINO_SET = ["--set", "dim=32", "--set", "heads=2", "--set", "depth=2", "--set", "patch=8", "--set", "image_size=32",
+            "--set", "pos_grid=3"]
+
+
+def test_convert_teacher_cli_round_trip(tmp_path, capsys):
+    from safetensors import safe_open
+
+    from dera_fast.cli import main
+    from dera_fast.models.teachers import InternVideo2Teacher, load_image_teacher, load_video_teacher
+
+    c, icfg = _teacher_checkpoints(tmp_path)
+    out = tmp_path / "iv2.safetensors"
+    assert main(["convert-teacher", str(tmp_path / "iv2.pth"), str(out), "--arch", "internvideo2-b14", *IV2_SET]) == 0
+    assert "internvideo2-b14" in capsys.readouterr().out
+    with safe_open(str(out), "pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert meta["dera_fast.teacher_arch"] == "internvideo2-b14"
+    assert json.loads(meta["dera_fast.teacher_config"])["dim"] == 32
+    assert not any(k.startswith(("clip_", "final_clip")) for k in keys)
+    x = torch.rand(2, 3, 4, 32, 32) * 2 - 1
+    copy = load_video_teacher(out)  # no preset: the file carries its config
+    orig = InternVideo2Teacher.from_pretrained(tmp_path / "iv2.pth", c)
+    assert isinstance(copy, InternVideo2Teacher) and copy.config == orig.config
+    torch.testing.assert_close(copy.features(x), orig.features(x), rtol=0, atol=0)
+    named = load_video_teacher(out, "internvideo2-b14")  # the recorded preset: its converted config, not B/14's
+    assert named.config == orig.config
+    # HF DINOv2, family detected from the keys; the HF position-table rule travels in the recorded config
+    out2 = tmp_path / "dino.safetensors"
+    assert main(["convert-teacher", str(tmp_path / "dinov2"), str(out2), *DINO_SET]) == 0
+    dino = load_image_teacher(out2)
+    assert dino.config.pos_interp_offset == 0.0
+    ref = load_image_teacher(tmp_path / "dinov2", "dinov2-b14", **{k: v for k, v in icfg.__dict__.items()})
+    torch.testing.assert_close(dino.features(x), ref.features(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not a video-teacher preset"):
+        load_video_teacher(out2)
+
+
+@pytest.mark.parametrize("case", ["same-file", "exists", "suffix", "undetectable", "bad-keys", "missing"])
+def test_convert_teacher_refusals_exit_2(tmp_path, capsys, case):
+    from dera_fast.cli import main
+
+    _teacher_checkpoints(tmp_path)
+    src, out = tmp_path / "iv2.pth", tmp_path / "out.safetensors"
+    extra = ["--arch", "internvideo2-b14", *IV2_SET]
+    if case == "same-file":
+        save_file({"w": torch.zeros(1)}, str(out))
+        src = out
+    elif case == "exists":
+        out.write_bytes(b"keep me")
+    elif case == "suffix":
+        out = tmp_path / "out.pth"
+    elif case == "undetectable":
+        save_file({"w": torch.zeros(1)}, str(tmp_path / "odd.safetensors"))
+        src, extra = tmp_path / "odd.safetensors", []
+    elif case == "bad-keys":
+        extra = ["--arch", "internvideo2-b14"]  # the B/14 preset's shapes do not fit the tiny weights
+    else:
+        src = tmp_path / "none.pth"
+    assert main(["convert-teacher", str(src), str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    if case == "exists":
+        assert out.read_bytes() == b"keep me" and "--overwrite" in err
+        assert main(["convert-teacher", str(src), str(out), *extra, "--overwrite"]) == 0
+    assert not list(tmp_path.glob(".*.tmp*"))  # nothing half-written left behind

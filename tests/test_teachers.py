@@ -4,12 +4,17 @@ Random weights are written under each layout's own key names (torch-hub: faceboo
 MCG-NJU/VideoMAE; HF: Dinov2Model, DINOv3ViTModel, VideoMAEModel) and loaded back; the same weights in two
 layouts must give identical features.
 """
+import dataclasses
+import re
+
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from dera_fast.models import DeRATokenizer, RandomTeacher, Teacher, compute_targets
-from dera_fast.models.teachers import ImageViTConfig, ImageViTTeacher, VideoViTConfig, VideoViTTeacher
+from dera_fast.models.teachers import (IMAGENET_MEAN, IMAGENET_STD, ImageViTConfig, ImageViTTeacher, VideoViTConfig,
+                                       VideoViTTeacher, load_image_teacher, load_video_teacher)
 
 D, DEPTH, HEADS = 32, 2, 2
 
@@ -106,10 +111,10 @@ def _hub_to_hf(sd, cfg):
     return out
 
 
-IMAGE_CFGS = {
-    "dinov2": ImageViTConfig(dim=D, depth=DEPTH, heads=HEADS, patch=8, image_size=32, pos_grid=3),
+IMAGE_CFGS = {  # native grids (pos_grid == 32 / 8): hub and HF weights must agree exactly
+    "dinov2": ImageViTConfig(dim=D, depth=DEPTH, heads=HEADS, patch=8, image_size=32, pos_grid=4),
     "dinov2-reg": ImageViTConfig(dim=D, depth=DEPTH, heads=HEADS, patch=8, image_size=32, pos_grid=4,
-                                 num_registers=2),
+                                 num_registers=2, pos_interp_offset=0.0, pos_interp_antialias=True),
     "dinov3": ImageViTConfig(dim=D, depth=DEPTH, heads=HEADS, patch=8, image_size=32, pos="rope",
                              num_registers=2, ln_eps=1e-5),
 }
@@ -119,11 +124,17 @@ IMAGE_CFGS = {
 def test_image_vit_hub_and_hf_layouts(name, tmp_path):
     cfg = IMAGE_CFGS[name]
     hub = _dinov2_hub(cfg)
-    save_file(hub, str(tmp_path / "hub.safetensors"))
+    torch.save(hub, tmp_path / "hub.pth")  # the hub releases are plain state-dict .pth files
     (tmp_path / "hf").mkdir()
     save_file(_hub_to_hf(hub, cfg), str(tmp_path / "hf" / "model.safetensors"))
-    t_hub = ImageViTTeacher.from_pretrained(tmp_path / "hub.safetensors", cfg)
+    t_hub = ImageViTTeacher.from_pretrained(tmp_path / "hub.pth", cfg)
     t_hf = ImageViTTeacher.from_pretrained(tmp_path / "hf", cfg)
+    if cfg.pos == "abs":  # Dinov2Model as transformers >= 5 names its modules
+        v5 = {re.sub(r"attention\.attention\.(query|key|value)", lambda m: f"attention.{m.group(1)[0]}_proj", k)
+              .replace("attention.output.dense", "attention.o_proj"): v for k, v in _hub_to_hf(hub, cfg).items()}
+        save_file(v5, str(tmp_path / "hf5.safetensors"))
+        torch.testing.assert_close(ImageViTTeacher.from_pretrained(tmp_path / "hf5.safetensors", cfg).features(clip()),
+                                   t_hf.features(clip()))
     ours = t_hub.state_dict()
     torch.testing.assert_close(ours["blocks.1.fc2.weight"], hub["blocks.1.mlp.fc2.weight"])
     if cfg.pos == "rope":
@@ -133,6 +144,113 @@ def test_image_vit_hub_and_hf_layouts(name, tmp_path):
     assert f.shape == (2, 16, D) and t_hub.grid == (4, 4) and t_hub.feature_dim == D
     torch.testing.assert_close(t_hf.features(x), f, atol=1e-5, rtol=1e-5)
     assert not any(p.requires_grad for p in t_hub.parameters())
+    t_fac = load_image_teacher(tmp_path / "hf", "dinov2-b14", dim=D, depth=DEPTH, heads=HEADS, patch=8,
+                               image_size=32, pos_grid=4, num_registers=cfg.num_registers, pos=cfg.pos,
+                               ln_eps=cfg.ln_eps)
+    torch.testing.assert_close(t_fac.features(x), f, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ DINOv2 resizing
+def _bicubic_np(a: np.ndarray, out: int, scale: float) -> np.ndarray:
+    """PyTorch's bicubic resampling along axis 0 written out (Keys a = -0.75, align_corners=False, border
+    clamp): source x = scale * (i + 0.5) - 0.5, where scale = 1 / scale_factor when a scale factor is given,
+    else in / out."""
+    A, n = -0.75, a.shape[0]
+
+    def near(t):  # |t| <= 1
+        return ((A + 2) * t - (A + 3)) * t * t + 1
+
+    def far(t):  # 1 < |t| < 2
+        return ((A * t - 5 * A) * t + 8 * A) * t - 4 * A
+
+    res = np.zeros((out,) + a.shape[1:])
+    for i in range(out):
+        x = scale * (i + 0.5) - 0.5
+        x0 = int(np.floor(x))
+        t = x - x0
+        for k, w in zip(range(x0 - 1, x0 + 3), (far(t + 1), near(t), near(1 - t), far(2 - t))):
+            res[i] += w * a[min(max(k, 0), n - 1)]
+    return res
+
+
+def _resize_np(table, src, dst, scale):
+    """[1, src*src, D] -> [dst*dst, D] float64, separable: rows then columns."""
+    g = table[0].double().numpy().reshape(src, src, -1)
+    g = _bicubic_np(g, dst, scale)
+    g = _bicubic_np(g.transpose(1, 0, 2), dst, scale).transpose(1, 0, 2)
+    return torch.from_numpy(g.reshape(dst * dst, -1))
+
+
+def test_dinov2_position_resize_hub_vs_hf(tmp_path):
+    """At a non-native grid (pretrained 3 x 3 table, 4 x 4 patches) hub weights resize as the torch-hub code
+    (scale_factor (4 + 0.1) / 3) and HF weights as transformers (size 4 x 4): different tables, each equal to
+    the written-out bicubic formula."""
+    cfg = ImageViTConfig(dim=D, depth=DEPTH, heads=HEADS, patch=8, image_size=32, pos_grid=3)
+    hub = _dinov2_hub(cfg)
+    save_file(hub, str(tmp_path / "hub.safetensors"))
+    save_file(_hub_to_hf(hub, cfg), str(tmp_path / "hf.safetensors"))
+    t_hub = ImageViTTeacher.from_pretrained(tmp_path / "hub.safetensors", cfg)
+    t_hf = ImageViTTeacher.from_pretrained(tmp_path / "hf.safetensors", cfg)
+    assert (t_hub.config.pos_interp_offset, t_hf.config.pos_interp_offset) == (0.1, 0.0)
+    table = hub["pos_embed"][:, 1:]
+    want_hub, want_hf = _resize_np(table, 3, 4, 3 / 4.1), _resize_np(table, 3, 4, 3 / 4)
+    torch.testing.assert_close(t_hub.patch_position_table()[0].double(), want_hub, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(t_hf.patch_position_table()[0].double(), want_hf, atol=1e-5, rtol=1e-5)
+    rel = (want_hub - want_hf).norm() / want_hf.norm()
+    assert rel > 1e-2  # the two formulas really differ at this size
+    x = clip()
+    assert not torch.allclose(t_hub.features(x), t_hf.features(x), atol=1e-3)
+    # the register variants resize by size with antialiasing in both ecosystems: hub and HF agree
+    reg = dataclasses.replace(cfg, num_registers=2, pos_interp_offset=0.0, pos_interp_antialias=True)
+    hub_r = _dinov2_hub(reg)
+    save_file(hub_r, str(tmp_path / "hub_r.safetensors"))
+    save_file(_hub_to_hf(hub_r, reg), str(tmp_path / "hf_r.safetensors"))
+    torch.testing.assert_close(ImageViTTeacher.from_pretrained(tmp_path / "hf_r.safetensors", reg).features(x),
+                               ImageViTTeacher.from_pretrained(tmp_path / "hub_r.safetensors", reg).features(x))
+
+
+@pytest.mark.parametrize("name", ["dinov2", "dinov2-reg", "dinov3"])
+def test_hf_layout_matches_transformers(name, tmp_path):
+    """Optional oracle: transformers' own Dinov2Model / Dinov2WithRegistersModel (at a non-native size: 3 x 3
+    pretrained table, 4 x 4 patches) and DINOv3ViTModel (RoPE) on the same weights."""
+    try:  # an optional oracle: skip (with the reason) wherever transformers is missing or cannot import
+        import transformers
+
+        transformers.Dinov2Model  # noqa: B018 (transformers imports its models lazily: this is the real import)
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"transformers unavailable: {type(e).__name__}: {e}")
+    registers = 0 if name == "dinov2" else 2
+    cfg = IMAGE_CFGS["dinov3"] if name == "dinov3" else ImageViTConfig(
+        dim=D, depth=DEPTH, heads=HEADS, patch=8, image_size=32, pos_grid=3, num_registers=registers,
+        pos_interp_offset=0.1 if not registers else 0.0, pos_interp_antialias=bool(registers))
+    hf_sd = _hub_to_hf(_dinov2_hub(cfg), cfg)
+    kw = dict(hidden_size=D, num_hidden_layers=DEPTH, num_attention_heads=HEADS, intermediate_size=4 * D,
+              patch_size=8, layerscale_value=1.0)
+    if name == "dinov3":
+        model = transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(
+            image_size=32, num_register_tokens=registers, layer_norm_eps=1e-5, **kw))
+    elif registers:
+        model = transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(
+            image_size=24, num_register_tokens=registers, layer_norm_eps=1e-6, hidden_act="gelu", **kw))
+    else:
+        model = transformers.Dinov2Model(transformers.Dinov2Config(image_size=24, layer_norm_eps=1e-6,
+                                                                   hidden_act="gelu", **kw))
+    own = model.state_dict()
+    if "encoder.layer.0.attention.q_proj.weight" in own:  # Dinov2 in transformers >= 5: new module names
+        hf_sd = {k.replace("attention.attention.query", "attention.q_proj").replace("attention.attention.key",
+                 "attention.k_proj").replace("attention.attention.value", "attention.v_proj")
+                 .replace("attention.output.dense", "attention.o_proj"): v for k, v in hf_sd.items()}
+    hf_sd = {("model." + k if "model." + k in own else k): v for k, v in hf_sd.items()}  # DINOv3ViT >= 5
+    model.load_state_dict(hf_sd, strict=True)
+    model.eval()
+    save_file(hf_sd, str(tmp_path / "hf.safetensors"))
+    ours = ImageViTTeacher.from_pretrained(tmp_path / "hf.safetensors", cfg)
+    x = clip()
+    pixels = ((x[:, :, 0] + 1) / 2 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / \
+        torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        want = model(pixel_values=pixels).last_hidden_state[:, 1 + registers:]
+    torch.testing.assert_close(ours.features(x), want, atol=1e-5, rtol=1e-5)
 
 
 def test_image_vit_errors_list_keys(tmp_path):
@@ -143,8 +261,12 @@ def test_image_vit_errors_list_keys(tmp_path):
     with pytest.raises(ValueError, match=r"missing keys \['blocks.1.ls2'\].*unexpected keys \['blocks.9.extra'\]"):
         ImageViTTeacher.from_pretrained(tmp_path / "bad.safetensors", cfg)
     save_file(_dinov2_hub(IMAGE_CFGS["dinov2-reg"]), str(tmp_path / "reg.safetensors"))
-    with pytest.raises(ValueError, match="shape mismatches.*pos_embed"):
+    with pytest.raises(ValueError, match=r"unexpected keys \['register_tokens'\]"):
         ImageViTTeacher.from_pretrained(tmp_path / "reg.safetensors", cfg)
+    with pytest.raises(ValueError, match="shape mismatches.*pos_embed"):
+        ImageViTTeacher.from_pretrained(tmp_path / "bad.safetensors", dataclasses.replace(cfg, pos_grid=3))
+    with pytest.raises(ValueError, match="unknown teacher preset"):
+        ImageViTTeacher.from_pretrained(tmp_path / "bad.safetensors", "dinov9")
     with pytest.raises(FileNotFoundError):
         ImageViTTeacher.from_pretrained(tmp_path / "none.safetensors", cfg)
 
@@ -189,13 +311,19 @@ def test_video_vit_official_and_hf_layouts(tmp_path):
     sd = _videomae_official()
     save_file(_videomae_official(prefix="encoder."), str(tmp_path / "pretrain.safetensors"))
     save_file(_videomae_hf(sd), str(tmp_path / "hf.safetensors"))
+    v5 = {k.replace("attention.attention.q_bias", "attention.attention.query.bias")
+          .replace("attention.attention.v_bias", "attention.attention.value.bias"): v
+          for k, v in _videomae_hf(sd).items()}
+    save_file(v5, str(tmp_path / "hf5.safetensors"))  # VideoMAEModel as transformers >= 5 names it
     t_off = VideoViTTeacher.from_pretrained(tmp_path / "pretrain.safetensors", VCFG)
     t_hf = VideoViTTeacher.from_pretrained(tmp_path / "hf.safetensors", VCFG)
+    t_hf5 = load_video_teacher(tmp_path / "hf5.safetensors", "videomae-b", **VCFG.__dict__)
     torch.testing.assert_close(t_off.state_dict()["blocks.0.q_bias"], sd["blocks.0.attn.q_bias"])
     x = clip()  # 8 frames, resampled to the teacher's 4
     f = t_off.features(x)
     assert f.shape == (2, 32, D) and t_off.grid == (2, 4, 4)
     torch.testing.assert_close(t_hf.features(x), f, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(t_hf5.features(x), f, atol=1e-5, rtol=1e-5)
     sd.pop("blocks.0.attn.v_bias")
     save_file(sd, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError, match=r"missing keys \['blocks.0.v_bias'\]"):

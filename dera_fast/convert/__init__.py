@@ -1,7 +1,8 @@
-"""Converters from official LARP checkpoints (drop-in loading). Submodules are imported on first use."""
+"""Converters from official LARP checkpoints (drop-in loading) and pickle-free copies of teacher checkpoints.
+Submodules are imported on first use."""
 import importlib
 
-_LAZY = {"from_larp": ".larp", "from_larp_ar": ".larp_ar"}
+_LAZY = {"from_larp": ".larp", "from_larp_ar": ".larp_ar", "convert_teacher": ".teacher"}
 
 
 def __getattr__(name):

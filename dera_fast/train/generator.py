@@ -1,13 +1,27 @@
-"""AR generator trainer (SPEC.md §4.2) on token files written by ``python -m dera_fast tokenize``.
+"""AR generator trainer (SPEC.md §4.2): class-conditional or frame prediction, as LARP's AR trainers run them.
 
-Class-conditional next-token training with class dropout (the null class, for classifier-free guidance; the
-dropout itself lives in :meth:`ARGenerator.embed_cond`). AdamW with weight decay on Linear weights only,
-warm-up + cosine. Under torchrun the model is sharded with FSDP2: ``fully_shard`` on every block, then on the
-root (bf16 params / fp32 reductions on CUDA). Checkpoints gather full state dicts on rank 0.
+Two data paths:
+
+* **videos, tokenized on the fly** (``data`` + ``tokenizer``; LARP's ``larp_ar_trainer`` / ``larp_ar_fp_trainer``):
+  every step draws a random ``frames_per_clip``-frame window of each video with a random horizontal flip
+  (:class:`dera_fast.data.VideoFolderDataset`, a folder or a LARP CSV), and the frozen tokenizer (eval mode:
+  deterministic argmax VQ) encodes the batch under ``no_grad`` on the training device. Frame prediction encodes,
+  in the same batch, the context clip: the first ``context_frames`` frames padded to full length by repeating the
+  last one (:func:`dera_fast.data.repeat_last_frame`, LARP's ``repeat_to_m_frames``); the model then sees
+  ``[context tokens ; SEP ; clip tokens]``. Class labels come from sub-folder names / UCF file names or the CSV.
+* **pre-tokenized clips** (``tokens``, from ``python -m dera_fast tokenize``): the fast path, class-conditional only.
+
+AdamW with weight decay on Linear weights only (minGPT split), warm-up + cosine; ``epochs`` / ``warmup_epochs``
+derive the step counts from the data at run time (:mod:`dera_fast.train.schedule`). Class dropout (the null class,
+for classifier-free guidance) lives in :meth:`ARGenerator.embed_cond`. Under torchrun the model is sharded with
+FSDP2: ``fully_shard`` on every block, then on the root (bf16 params / fp32 reductions on CUDA). Checkpoints
+gather full state dicts on rank 0.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,9 +35,12 @@ from . import checkpoint as ckpt
 from .distributed import DistInfo, init_distributed
 from .loop import BatchStream, MetricsLog, autocast, run_steps
 from .optim import EMA, decay_split, make_adam, schedule_mult, set_lr
+from .schedule import apply_epochs
 from .tokens import load_tokens
 
 log = logging.getLogger("dera_fast.train")
+
+TASKS = ("class", "frame-prediction")
 
 
 @dataclass(kw_only=True)
@@ -31,37 +48,57 @@ class GeneratorTrainConfig(PresetConfig):
     """A generator run; JSON-serialisable (``--config cfg.json`` holds these fields)."""
     _kind = "generator training"
 
-    tokens: str = ""                      # token file from `tokenize` (required)
-    model: str = "tiny"                   # GeneratorConfig preset; vocab, length and classes come from the file
+    task: str = "class"                   # "class" (class-conditional) | "frame-prediction" (LARP_AR_FP)
+    data: str = ""                        # a folder of videos or a LARP CSV, tokenized on the fly by `tokenizer`
+    tokenizer: str = ""                   # frozen tokenizer folder (save_pretrained) for `data`
+    tokens: str = ""                      # or: a token file from `tokenize` (class task only; the fast path)
+    context_frames: int = 5               # frame prediction: frames given as context (LARP: 5 of 16)
+    model: str = "tiny"                   # GeneratorConfig preset; vocab, length and classes come from the data
     model_overrides: dict = field(default_factory=dict)
     class_dropout: float = 0.1
     batch_size: int = 64                  # global
     steps: int = 1000
+    epochs: float = 0.0                   # > 0: steps = epochs x steps per epoch, at run time (LARP's max_epoch)
     lr: float = 6e-4
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.05
     warmup_steps: int = 0
+    warmup_epochs: float = 0.0            # > 0: warmup_steps derived the same way (LARP's warmup_epoch)
     min_lr_mult: float = 0.01
     grad_clip: float = 0.0
     ema_decay: float = 0.0
     amp: str = "auto"
     seed: int = 0
+    num_workers: int | None = 0           # data-loading processes (None: dera_fast.data.loader's default)
     log_every: int = 10
     ckpt_every: int = 0
     keep_last: int = 3
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
-        for name in ("batch_size", "steps"):
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.epochs < 0 or self.warmup_epochs < 0 or self.warmup_steps < 0:
+            raise ValueError("epochs, warmup_epochs and warmup_steps must be >= 0")
+        for name in ("batch_size",) + (() if self.epochs > 0 else ("steps",)):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.context_frames <= 0:
+            raise ValueError(f"context_frames must be positive, got {self.context_frames}")
 
 
-
+# LARP's AR runs (scripts/train_larp_ar*_reproduce.sh over cfgs/larp_ar*.yaml): AdamW lr 6e-4, betas (0.9, 0.95),
+# weight decay 0.05 on Linear weights, cosine to 0.01 x lr, global batch 64, bf16 AMP, no clipping, no EMA.
+_LARP_AR = dict(batch_size=64, lr=6e-4, betas=(0.9, 0.95), weight_decay=0.05, min_lr_mult=0.01)
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(model="tiny", batch_size=32, steps=300, lr=3e-3, warmup_steps=20, weight_decay=0.0),
-    # LARP UCF-101 (SPEC §4.2): llama-abs-LP, global batch 64, AdamW 6e-4 (0.9, 0.95), wd 0.05.
-    "ucf-lp": dict(model="LP", batch_size=64, steps=447_000, warmup_steps=600),
+    # LARP UCF-101 class-conditional (hywang66/LARP-L-long-AR): llama-abs-LP, 3000 epochs, 4 warm-up
+    "ucf-lp": dict(_LARP_AR, model="LP", epochs=3000, warmup_epochs=4),
+    # LARP K600 frame prediction (hywang66/LARP-L-long-AR-FP): llama-abs-LP, 75 epochs, 1 warm-up
+    "k600-fp-lp": dict(_LARP_AR, task="frame-prediction", model="LP", epochs=75, warmup_epochs=1),
+    # DeRA ("following LARP", a 343M LLaMA-style generator): llama-abs-L on LARP's recipes
+    "dera-ucf": dict(_LARP_AR, model="L", epochs=3000, warmup_epochs=4),
+    "dera-k600-fp": dict(_LARP_AR, task="frame-prediction", model="L", epochs=75, warmup_epochs=1),
 }
 
 
@@ -84,27 +121,62 @@ class TokenDataset(Dataset):
         return {"ids": self.tokens[i], "label": int(self.labels[i])}
 
 
+def load_frozen_tokenizer(path: str | os.PathLike, device):
+    """A LARP or DeRA tokenizer (``save_pretrained`` folder or self-describing .safetensors), eval mode
+    (deterministic VQ), frozen, on ``device``."""
+    from safetensors import safe_open
+
+    from dera_fast.models import DeRATokenizer, LARPTokenizer
+
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        kind = json.loads((path / "config.json").read_text()).get("model_type")
+    elif path.is_file() and path.suffix == ".safetensors":
+        with safe_open(str(path), "pt") as f:
+            kind = (f.metadata() or {}).get("dera_fast.model_type")
+    else:
+        raise FileNotFoundError(f"tokenizer {path}: expected a folder written by save_pretrained (e.g. <run>/model)")
+    classes = {"larp": LARPTokenizer, "dera": DeRATokenizer}
+    if kind not in classes:
+        raise ValueError(f"tokenizer {path} is not a LARP or DeRA tokenizer (model_type={kind!r})")
+    return classes[kind].from_pretrained(path, device=device).eval().requires_grad_(False)
+
+
 class GeneratorTrainer:
-    """Builds the AR generator for a token file and trains it (FSDP2 when launched with torchrun)."""
+    """Builds the AR generator for its data and trains it (FSDP2 when launched with torchrun)."""
 
     def __init__(self, cfg: GeneratorTrainConfig, out_dir: str | Path, *, device: str = "auto",
                  progress: bool = True):
         from dera_fast.models.ar import ARGenerator, GeneratorConfig
 
-        if not cfg.tokens:
-            raise ValueError("tokens: give the token file written by `python -m dera_fast tokenize`")
         self.cfg, self.out = cfg, Path(out_dir)
+        fp = cfg.task == "frame-prediction"
+        if bool(cfg.tokens) == bool(cfg.data):
+            raise ValueError("give either data (videos, with tokenizer) or tokens (a token file from `tokenize`)")
+        if cfg.data and not cfg.tokenizer:
+            raise ValueError("data: videos are tokenized on the fly, so give the tokenizer folder (--tokenizer)")
+        if fp and cfg.tokens:
+            raise ValueError("task frame-prediction: the context clips are tokenized on the fly; give data "
+                             "(--data VIDEOS) and tokenizer (--tokenizer TOK) instead of a token file")
         self.info: DistInfo = init_distributed(device)
         self.device = self.info.device
         if cfg.batch_size % self.info.world_size:
             raise ValueError(f"batch_size {cfg.batch_size} is not divisible by world size {self.info.world_size}")
-        self.data = TokenDataset(cfg.tokens)
-        if self.data.num_classes <= 0:
-            raise ValueError(f"{cfg.tokens} has no class labels; class-conditional training needs them")
+        self.tokenizer, self.classes = None, None
+        if cfg.tokens:
+            self.data = TokenDataset(cfg.tokens)
+            vocab, length, num_classes = (int(self.data.meta["codebook_size"]), self.data.tokens.shape[1],
+                                          self.data.num_classes)
+        else:
+            self.data, vocab, length, num_classes = self._video_data()
+        if not fp and num_classes <= 0:
+            raise ValueError(f"{cfg.tokens or cfg.data} has no class labels; class-conditional training needs them "
+                             f"(sub-folders per class, UCF file names or a LARP CSV with an action column)")
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        gcfg = GeneratorConfig.from_name(cfg.model, **{
-            "vocab_size": int(self.data.meta["codebook_size"]), "max_seq_len": self.data.tokens.shape[1],
-            "num_classes": self.data.num_classes, "class_dropout_prob": cfg.class_dropout, **cfg.model_overrides})
+        cond = dict(frame_prediction=True) if fp else dict(num_classes=num_classes,
+                                                           class_dropout_prob=cfg.class_dropout)
+        gcfg = GeneratorConfig.from_name(cfg.model, **{"vocab_size": vocab, "max_seq_len": length, **cond,
+                                                       **cfg.model_overrides})
         self.model = ARGenerator(gcfg).to(self.device).train()
         self.fsdp = self.info.distributed
         if self.fsdp:
@@ -114,10 +186,43 @@ class GeneratorTrainer:
         if cfg.ema_decay > 0 and self.fsdp and self.info.is_main:
             log.warning("ema_decay ignored: EMA weights are not kept for FSDP-sharded generators")
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 and not self.fsdp else None
-        self.stream = BatchStream(self.data, cfg.batch_size // self.info.world_size, self.info, seed=cfg.seed)
+        self.stream = BatchStream(self.data, cfg.batch_size // self.info.world_size, self.info, seed=cfg.seed,
+                                  num_workers=cfg.num_workers)
+        self.schedule = apply_epochs(cfg, self.stream.steps_per_epoch, len(self.data))
         self.step = 0
         self.progress = progress and self.info.is_main
         self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=self.info.is_main)
+
+    def _video_data(self):
+        """(VideoFolderDataset, vocab, tokens per clip, classes) for on-the-fly tokenization."""
+        from dera_fast.data import VideoFolderDataset
+
+        cfg = self.cfg
+        self.tokenizer = load_frozen_tokenizer(cfg.tokenizer, self.device)
+        tcfg = self.tokenizer.config
+        if cfg.task == "frame-prediction" and cfg.context_frames >= self.tokenizer.frames_per_clip:
+            raise ValueError(f"context_frames={cfg.context_frames} must be fewer than the tokenizer's "
+                             f"{self.tokenizer.frames_per_clip} frames per clip")
+        data = VideoFolderDataset(cfg.data, frames=self.tokenizer.frames_per_clip, size=tcfg.size, train=True,
+                                  value_range=tcfg.pixel_range, seed=cfg.seed)
+        self.classes = list(data.classes)
+        if cfg.task == "class" and data.classes and min(data.labels) < 0:
+            raise ValueError(f"{cfg.data}: some videos have no class (no sub-folder / action column)")
+        return data, self.tokenizer.codebook_size, self.tokenizer.tokens_per_clip, data.num_classes
+
+    @torch.no_grad()
+    def _tokenize(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(clip ids [B, L], context ids [B, L] or None): one batched encode of the clips (and, for frame
+        prediction, their context clips), as LARP's trainers do."""
+        from dera_fast.data import repeat_last_frame
+
+        x = video.to(self.device, non_blocking=True)
+        with autocast(self.device, self.cfg.amp):
+            if self.cfg.task == "class":
+                return self.tokenizer.encode(x), None
+            ctx = repeat_last_frame(x[:, :, : self.cfg.context_frames], x.shape[2])  # [B, C, T, H, W]
+            ids, ctx_ids = self.tokenizer.encode(torch.cat([x, ctx])).chunk(2)
+        return ids, ctx_ids
 
     def _shard(self) -> None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -131,15 +236,19 @@ class GeneratorTrainer:
 
     def train_step(self, batch: dict) -> dict[str, float]:
         cfg = self.cfg
-        ids = batch["ids"].to(self.device)
-        labels = batch["label"].to(self.device)
+        if self.tokenizer is None:
+            ids, ctx_ids = batch["ids"].to(self.device), None
+        else:
+            ids, ctx_ids = self._tokenize(batch["video"])
+        cond = dict(context_ids=ctx_ids) if cfg.task == "frame-prediction" else \
+            dict(class_labels=batch["label"].to(self.device))
         mult = schedule_mult(self.step, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps,
                              min_lr_mult=cfg.min_lr_mult)
         set_lr(self.opt, cfg.lr, mult)
         # FSDP2 casts parameters itself; autocast is only needed for the unsharded model.
         with autocast(self.device, "off" if self.fsdp else cfg.amp):
             # NOTE: through __call__ (not ARGenerator.loss) so FSDP2's forward hooks unshard the root's params.
-            logits = self.model(ids[:, :-1], class_labels=labels)          # [B, L, V]
+            logits = self.model(ids[:, :-1], **cond)          # [B, L, V]
         loss = F.cross_entropy(logits.float().flatten(0, 1), ids.flatten())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -152,7 +261,11 @@ class GeneratorTrainer:
         return {"loss": float(loss.detach()), "lr": cfg.lr * mult}
 
     def train(self, on_log=None) -> dict[str, float]:
-        return run_steps(self, desc="train generator", rate_key="tokens_per_s", count=lambda b: b["ids"].numel(),
+        if self.info.is_main and self.schedule:
+            self.metrics.write(self.step, {"schedule_" + k: v for k, v in self.schedule.items()})
+        length = self.model.config.max_seq_len
+        return run_steps(self, desc="train generator", rate_key="tokens_per_s",
+                         count=lambda b: (b["ids"] if "ids" in b else b["video"]).shape[0] * length,
                          postfix={"loss": ("loss", "{:.3f}"), "tok_s": ("tokens_per_s", "{:.0f}")}, on_log=on_log)
 
     # ------------------------------------------------------------------ checkpoints
@@ -188,6 +301,8 @@ class GeneratorTrainer:
             plain = ARGenerator(self.model.config)
         plain.load_state_dict(self.ema.state_dict() if self.ema is not None else model_sd)
         plain.save_pretrained(directory)
+        if self.classes:  # class names of a video folder / CSV, in label order
+            (Path(directory) / "classes.json").write_text(json.dumps(self.classes, indent=1))
 
     def resume(self, path: str | Path | None = None) -> bool:
         where = Path(path) if path else ckpt.latest_checkpoint(self.out)

@@ -5,8 +5,10 @@ All functions take videos ``B x 3 x T x H x W`` in [0, 1] (the tokenizer's inter
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +84,8 @@ class PerceptualLoss(nn.Module):
                      heads_path: str | os.PathLike | None = None) -> "PerceptualLoss":
         """Load backbone weights from a torchvision-layout safetensors file (``features.<i>.weight`` keys,
         with or without the ``features.`` prefix; classifier keys are ignored) and, optionally, the lpips
-        package's linear heads converted to safetensors (keys ``lin<l>.model.1.weight``, shape (1, C, 1, 1))."""
+        package's linear heads (keys ``lin<l>.model.1.weight``, shape (1, C, 1, 1)): the wheel's
+        ``weights/v0.1/<net>.pth`` (read with ``torch.load(weights_only=True)``) or a safetensors copy."""
         from safetensors.torch import load_file
 
         m = cls(net)
@@ -97,7 +100,8 @@ class PerceptualLoss(nn.Module):
                              f"keys: {bad[:4]})")
         m.features.load_state_dict(feats)
         if heads_path is not None:
-            hs = load_file(str(heads_path))
+            hs = load_file(str(heads_path)) if str(heads_path).endswith(".safetensors") else \
+                torch.load(heads_path, map_location="cpu", weights_only=True)
             for i, h in enumerate(m.heads):
                 key = f"lin{i}.model.1.weight"
                 if key not in hs or hs[key].numel() != h.numel():
@@ -124,12 +128,36 @@ class PerceptualLoss(nn.Module):
         return total
 
 
+def lpips_heads_file(net: str = "vgg") -> Path | None:
+    """The linear heads shipped in the ``lpips`` wheel (``lpips/weights/v0.1/<net>.pth``), or None when lpips is
+    not installed. Found without importing lpips (its import needs torchvision)."""
+    spec = importlib.util.find_spec("lpips")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "weights" / "v0.1" / f"{net}.pth"
+    return path if path.is_file() else None
+
+
 def build_perceptual(path: str | None, net: str = "vgg", heads: str | None = None) -> PerceptualLoss | None:
-    """The perceptual loss from user weights, or None (with a logged notice) when no weights are given."""
+    """The perceptual loss from user weights, or None (with a logged notice) when no backbone weights are given.
+
+    heads: a linear-heads file, ``"uniform"`` (1 / C per channel), or None: the lpips wheel's heads when
+    ``lpips`` is installed (``pip install 'dera-fast[lpips]'``; LPIPS as LARP computes it), else uniform.
+    The VGG16 / AlexNet backbone always comes from the local ``path`` (nothing is downloaded).
+    """
     if not path:
         log.warning("perceptual loss OFF: no %s backbone weights given (set perceptual_weights to a local "
                     "torchvision-layout .safetensors file to enable LPIPS-style training)", net)
         return None
+    if heads is None:
+        heads = lpips_heads_file(net)
+        if heads is None:
+            log.warning("perceptual loss with UNIFORM channel weights: install lpips (pip install "
+                        "'dera-fast[lpips]') for LPIPS' calibrated linear heads, or set perceptual_heads")
+    elif heads == "uniform":
+        heads = None
+    if heads is not None:
+        log.info("perceptual loss: LPIPS linear heads from %s", heads)
     return PerceptualLoss.from_weights(path, net, heads)
 
 
@@ -196,8 +224,9 @@ class LeCam(nn.Module):
     """LeCam regulariser (Tseng et al. 2021) with EMA anchors of the mean real / fake logits.
 
     ``R = relu(mean D(x) - ema_fake)² + relu(ema_real - mean D(x̂))²``; the caller multiplies by the weight once.
-    NOTE: LARP multiplies its 0.001 weight in twice (``lecam_loss = w * reg`` then ``d_loss + w * lecam_loss``), so
-    its effective weight is 1e-6. Here the weight is applied once; pass 1e-6 to reproduce LARP's runs exactly.
+    NOTE: LARP's config says ``lecam_weight: 0.001`` but its ``VQLPIPSWithDiscriminator`` multiplies that weight in
+    twice (``lecam_loss = w * lecam_reg(...)``, then ``d_loss + w * lecam_loss``), so the runs behind its released
+    checkpoints used an effective 1e-6. The trainer applies its ``lecam_weight`` once and defaults to that 1e-6.
     """
 
     def __init__(self, decay: float = 0.999):
