@@ -168,31 +168,43 @@ def _f64(name: str, a) -> torch.Tensor:
     return t
 
 
-def _psd_sqrt(m: torch.Tensor) -> torch.Tensor:
-    """Symmetric square root of a symmetric PSD matrix via eigh (negative round-off eigenvalues clamped to 0)."""
+def _symmetric_sqrt_eigvals(evals: torch.Tensor, eps: float) -> torch.Tensor:
+    """TF-GAN's ``_symmetric_matrix_square_root`` rule on eigenvalues: ``sign(l) * sqrt|l|``, but ``l`` itself where
+    ``|l| < eps`` (TF-GAN takes the SVD of the symmetric matrix, whose singular values are ``|l|`` with the sign of
+    ``l`` carried by ``U V^T``; below ``eps`` it keeps ``s`` instead of ``sqrt(s)``, so round-off noise in a
+    rank-deficient covariance stays noise-sized instead of growing to ``sqrt(noise)``)."""
+    mag = evals.abs()
+    return torch.where(mag < eps, evals, evals.sign() * mag.sqrt())
+
+
+def _symmetric_sqrt(m: torch.Tensor, eps: float) -> torch.Tensor:
+    """Symmetric square root of a symmetric matrix (TF-GAN's rule, see :func:`_symmetric_sqrt_eigvals`)."""
     evals, evecs = torch.linalg.eigh((m + m.T) / 2)
-    return (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
+    return (evecs * _symmetric_sqrt_eigvals(evals, eps)) @ evecs.T
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """Exact Fréchet distance between ``N(mu1, sigma1)`` and ``N(mu2, sigma2)`` (float64):
+def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps: float = 1e-10) -> float:
+    """Fréchet distance between ``N(mu1, sigma1)`` and ``N(mu2, sigma2)`` (float64), TF-GAN's method (LARP's FVD):
 
     ``|mu1 - mu2|^2 + Tr(sigma1) + Tr(sigma2) - 2 Tr((sqrt(sigma1) sigma2 sqrt(sigma1))^(1/2))``.
 
-    The last trace equals ``Tr(sqrtm(sigma1 @ sigma2))`` (TF-GAN / LARP form), computed here from two symmetric
-    eigen-decompositions, which stay real and stable where ``scipy.linalg.sqrtm`` of the non-symmetric product
-    can return complex round-off. ``mu``: ``[D]``; ``sigma``: ``[D, D]`` symmetric PSD (tensors or arrays).
+    Both square roots are TF-GAN's symmetric ones (``trace_sqrt_product``): eigenvalues ``l`` map to
+    ``sign(l) sqrt|l|``, or to ``l`` where ``|l| < eps`` (TF-GAN's SVD form, computed here with ``eigh``, which is
+    the same for symmetric matrices and stays real where ``scipy.linalg.sqrtm`` of the non-symmetric product
+    ``sigma1 @ sigma2`` can return complex round-off). The last trace equals ``Tr(sqrtm(sigma1 @ sigma2))``, so
+    the distance is symmetric in its two arguments. ``mu``: ``[D]``; ``sigma``: ``[D, D]`` symmetric PSD (tensors
+    or arrays). The result is clamped at 0 (equal inputs can round to about -1e-10).
     """
     mu1, mu2, s1, s2 = _f64("mu1", mu1), _f64("mu2", mu2), _f64("sigma1", sigma1), _f64("sigma2", sigma2)
     d = mu1.shape[0]
     if mu1.shape != (d,) or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
         raise ValueError(f"expected mu [D] and sigma [D, D] with one D, got {tuple(mu1.shape)}, "
                          f"{tuple(s1.shape)}, {tuple(mu2.shape)}, {tuple(s2.shape)}")
-    root1 = _psd_sqrt(s1)
+    root1 = _symmetric_sqrt(s1, eps)
     inner = root1 @ s2 @ root1  # symmetric PSD, same eigenvalues as s1 @ s2
-    tr_cross = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp_min(0).sqrt().sum()
+    tr_cross = _symmetric_sqrt_eigvals(torch.linalg.eigvalsh((inner + inner.T) / 2), eps).sum()
     value = float((mu1 - mu2).pow(2).sum() + s1.trace() + s2.trace() - 2 * tr_cross)
-    return max(value, 0.0)  # NOTE: the distance is >= 0; equal inputs can round to about -1e-10
+    return max(value, 0.0)
 
 
 class FeatureStats:
