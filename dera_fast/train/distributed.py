@@ -59,6 +59,15 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's ``obj`` on every rank (a picklable value such as a path; the identity without torchrun)."""
+    if not info.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def mean_across_ranks(values: dict[str, float], info: DistInfo) -> dict[str, float]:
     """Average logged scalars over ranks (one all-reduce for the whole dict)."""
     if not info.distributed or not values:
