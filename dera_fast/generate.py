@@ -1,8 +1,13 @@
 """Sampling loop for :class:`dera_fast.models.ar.ARGenerator` (gpt-fast style; KERNELS.md §4).
 
-``prefill`` writes the cache for the condition and samples the first token; ``decode_one_token`` is one cached
-step plus classifier-free guidance plus sampling, and is the function ``compile=True`` wraps in
-``torch.compile(mode="reduce-overhead", fullgraph=True)`` (CUDA) or the default mode (CPU).
+The pieces, in the order a generation runs them:
+
+* :class:`Sampling` holds how tokens are drawn: the knobs as 0-d tensors, the static flags, the noise generator.
+* :func:`prefill` writes the cache for the condition and samples the first token.
+* :func:`decode_n_tokens` is the decode loop; each step is :func:`decode_one_token` (one cached step plus
+  classifier-free guidance plus sampling), run through the model's :class:`DecodeStep`, which with ``compile=True``
+  wraps it in ``torch.compile(mode="reduce-overhead", fullgraph=True)`` (CUDA) or the default mode (CPU).
+* :func:`generate` checks the arguments, sets up the cache and runs the chunks of the batch.
 
 Design points:
 
@@ -27,16 +32,20 @@ Design points:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch import Tensor
 
-from .models.ar import ARGenerator, find_multiple
+from ._progress import progress_bar
 from .ops._checks import check_positive
+
+if TYPE_CHECKING:
+    from .models.ar import ARGenerator
 
 
 @dataclass
@@ -46,6 +55,53 @@ class GenerateOutput:
     ids: Tensor
     video: Tensor | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Sampling:
+    """How each token is drawn, as the decode step receives it.
+
+    The knobs are 0-d tensors on the model's device, so changing them never recompiles. ``guided`` (classifier-free
+    guidance: the batch is doubled with the null class) and ``filtered`` (top-k or top-p on) are static: they pick
+    the graph. ``generator`` draws the exponential noise outside the compiled step, so eager == compiled.
+    """
+
+    temperature: Tensor  # float32, > 0
+    top_k: Tensor  # int64, 0 = off
+    top_p: Tensor  # float32 in (0, 1], 1 = off
+    cfg_scale: Tensor  # float32
+    guided: bool
+    filtered: bool
+    generator: torch.Generator
+
+    @classmethod
+    def create(cls, device: torch.device, *, cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int = 0,
+               top_p: float = 1.0, seed: int | None = None) -> Sampling:
+        """Check the settings and put them on ``device``.
+
+        cfg_scale: classifier-free guidance scale, guided when != 1 (LARP uses 1.25). temperature: > 0.
+        top_k: 0 = off. top_p: in (0, 1], 1 = off. seed: same seed -> same tokens, eager or compiled (None: fresh).
+        """
+        check_positive("temperature", temperature)
+        if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if not isinstance(top_k, int) or top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k}")
+        if not isinstance(cfg_scale, (int, float)) or not math.isfinite(cfg_scale):
+            raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale}")
+        generator = torch.Generator(device=device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+        f32 = dict(device=device, dtype=torch.float32)
+        return cls(torch.tensor(temperature, **f32), torch.tensor(top_k, device=device), torch.tensor(top_p, **f32),
+                   torch.tensor(cfg_scale, **f32), guided=cfg_scale != 1.0, filtered=top_k > 0 or top_p < 1,
+                   generator=generator)
+
+    def noise(self, rows: int, vocab: int) -> Tensor:
+        """One step's Exp(1) draws [rows, vocab] for the exponential race."""
+        return torch.empty((rows, vocab), device=self.generator.device).exponential_(generator=self.generator)
 
 
 def sample_logits(logits: Tensor, noise: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
@@ -71,63 +127,169 @@ def sample_logits(logits: Tensor, noise: Tensor, temperature: Tensor, top_k: Ten
     return torch.argmax(probs / noise.clamp_min(1e-30), dim=-1)
 
 
-def _guide(logits: Tensor, cfg_scale: Tensor) -> Tensor:
-    """[2B, V] rows (conditional first, then null class) -> u + s * (c - u) [B, V] in fp32."""
-    cond, uncond = logits.float().chunk(2)
-    return uncond + cfg_scale * (cond - uncond)
+def _guide_and_sample(logits: Tensor, noise: Tensor, sampling: Sampling) -> Tensor:
+    """logits [B', V] (B' = 2B when guided: conditional rows, then null class) -> tokens int64 [B]."""
+    if sampling.guided:
+        cond, uncond = logits.float().chunk(2)
+        logits = uncond + sampling.cfg_scale * (cond - uncond)  # [B, V] in fp32
+    return sample_logits(logits, noise, sampling.temperature, sampling.top_k, sampling.top_p, sampling.filtered)
 
 
-def prefill(model: ARGenerator, cond_emb: Tensor, noise: Tensor, temperature: Tensor, top_k: Tensor,
-            top_p: Tensor, cfg_scale: Tensor, *, guided: bool, filtered: bool) -> Tensor:
+def prefill(model: ARGenerator, cond_emb: Tensor, noise: Tensor, sampling: Sampling) -> Tensor:
     """Fill the cache with cond_emb [B', c, dim] (B' = 2B when guided) and sample the first token, int64 [B]."""
-    logits = model.prefill(cond_emb)
-    if guided:
-        logits = _guide(logits, cfg_scale)
-    return sample_logits(logits, noise, temperature, top_k, top_p, filtered)
+    return _guide_and_sample(model.prefill(cond_emb), noise, sampling)
 
 
 def decode_one_token(model: ARGenerator, ids: Tensor, input_pos: Tensor, kv_pos: Tensor, noise: Tensor,
-                     temperature: Tensor, top_k: Tensor, top_p: Tensor, cfg_scale: Tensor, *, guided: bool,
-                     filtered: bool) -> Tensor:
+                     sampling: Sampling) -> Tensor:
     """One step: ids [B, 1] at position input_pos [1] (int64, device) -> next token int64 [B].
 
     kv_pos [S'] = ``model.kv_positions[:S']``: the cache slots attention reads. When guided, the cache holds 2B
-    rows (conditional, then null class) and the logits are combined with ``cfg_scale``.
+    rows (conditional, then null class) and the logits are combined with ``sampling.cfg_scale``.
     """
-    x = torch.cat([ids, ids]) if guided else ids  # [B', 1]
-    logits = model.decode_step(x, input_pos, kv_pos)
-    if guided:
-        logits = _guide(logits, cfg_scale)
-    return sample_logits(logits, noise, temperature, top_k, top_p, filtered)
+    x = torch.cat([ids, ids]) if sampling.guided else ids  # [B', 1]
+    return _guide_and_sample(model.decode_step(x, input_pos, kv_pos), noise, sampling)
 
 
-_COMPILED: dict[str, Callable] = {}
-_SEEN: set[tuple] = set()  # step shapes already compiled / recorded in this process
+class DecodeStep:
+    """A model's decode step (:func:`decode_one_token`, compiled or eager) and the step shapes it has run.
 
+    The first run of a compiled step at a new shape compiles it (and on CUDA records a CUDA graph), so
+    :func:`decode_n_tokens` times those steps apart as warm-up. One per model, device type and ``compile`` flag,
+    kept in ``model.decode_steps``, so that later generations reuse both the compiled code and this record.
+    """
 
-def compiled_decode_one_token(device_type: str) -> Callable:
-    """The compiled step, created once per device type (Dynamo's cache then lives as long as the process)."""
-    if device_type not in _COMPILED:
+    def __init__(self, device_type: str, compile: bool):
         mode = "reduce-overhead" if device_type == "cuda" else None
-        _COMPILED[device_type] = torch.compile(decode_one_token, mode=mode, fullgraph=True)
-    return _COMPILED[device_type]
+        self.fn = torch.compile(decode_one_token, mode=mode, fullgraph=True) if compile else decode_one_token
+        self.compiled = compile
+        self.seen: set[tuple] = set()
+
+    @classmethod
+    def of(cls, model: ARGenerator, compile: bool) -> DecodeStep:
+        key = (model.pos_emb.device.type, bool(compile))
+        if key not in model.decode_steps:
+            model.decode_steps[key] = cls(*key)
+        return model.decode_steps[key]
+
+    def warms_up(self, shape: tuple) -> bool:
+        """Whether a step at ``shape`` compiles or records now (compiled, and the shape is new); records it."""
+        if not self.compiled or shape in self.seen:
+            return False
+        self.seen.add(shape)
+        return True
 
 
-def _sync(device: torch.device) -> None:
+def _now(device: torch.device) -> float:
+    """perf_counter after the device's queued work (timings of asynchronous launches)."""
     if device.type != "cpu":
         torch.accelerator.synchronize(device)
+    return time.perf_counter()
 
 
-def _check_args(model: ARGenerator, class_labels, context_ids, cfg_scale, temperature, top_k, top_p, kv_mode,
-                kv_block, batch_size, return_video, tokenizer) -> tuple[Tensor, bool]:
-    cfg = model.config
-    check_positive("temperature", temperature)
-    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k}")
-    if not isinstance(cfg_scale, (int, float)) or not math.isfinite(cfg_scale):
-        raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale}")
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+def kv_slots(model: ARGenerator, pos: int, kv_block: int | None) -> Tensor:
+    """The cache slots the step at position ``pos`` reads: ``model.kv_positions[:round_up(pos + 1, kv_block)]``, a
+    view whose length Dynamo keeps symbolic (one graph for every bucket), or the whole cache when kv_block is None."""
+    if kv_block is None:
+        return model.kv_positions
+    kv_pos = model.kv_positions[:_round_up(pos + 1, kv_block)]
+    torch._dynamo.maybe_mark_dynamic(kv_pos, 0)
+    return kv_pos
+
+
+def decode_n_tokens(model: ARGenerator, cur: Tensor, sampling: Sampling, step: DecodeStep, *,
+                    kv_block: int | None, progress: bool | None = None) -> tuple[Tensor, float, int]:
+    """Decode the tokens 1 .. max_seq_len - 1 of a clip after its first token ``cur`` [B] (gpt-fast's loop).
+
+    kv_block: see :func:`kv_slots`. Returns (tokens int64 [B, max_seq_len - 1], seconds and number of the steps
+    that warmed up: compiled steps at a new shape).
+    """
+    config = model.config
+    b, n, c = cur.shape[0], config.max_seq_len - 1, config.cls_token_num
+    tokens = torch.empty((b, n), dtype=torch.long, device=cur.device)
+    input_pos = torch.tensor([c], device=cur.device)  # on the device: the compiled step never sees a Python int
+    warm_s, warm_steps = 0.0, 0
+    for i in progress_bar(range(n), progress=progress, desc="generate", leave=False):
+        kv_pos = kv_slots(model, c + i, kv_block)  # c + i == input_pos, known on the host without a sync
+        first = step.warms_up((kv_pos.shape[0], b, sampling.guided, sampling.filtered, kv_block is None,
+                               model.pos_emb.dtype))
+        t0 = _now(cur.device) if first else 0.0
+        noise = sampling.noise(b, config.vocab_size)
+        cur = step.fn(model, cur.view(b, 1), input_pos, kv_pos, noise, sampling).clone()  # leaves the CUDA graph
+        tokens[:, i] = cur
+        input_pos += 1
+        if first:
+            warm_s += _now(cur.device) - t0
+            warm_steps += 1
+    return tokens, warm_s, warm_steps
+
+
+def _cond_embedding(model: ARGenerator, cond: Tensor, guided: bool) -> Tensor:
+    """Embeddings [B', c, dim] of labels [B] (followed by B null-class rows when guided) or contexts [B, c - 1]."""
+    if model.config.frame_prediction:
+        return model.embed_cond(context_ids=cond)  # [B, context_len + 1, dim]: context, then SEP
+    labels = torch.cat([cond, torch.full_like(cond, model.config.num_classes)]) if guided else cond
+    return model.embed_cond(class_labels=labels)  # [B', 1, dim]
+
+
+def _generate_chunk(model: ARGenerator, cond: Tensor, sampling: Sampling, step: DecodeStep, *, kv_block: int | None,
+                    progress: bool | None, stats: dict) -> Tensor:
+    """ids [B, max_seq_len] for one chunk of labels [B] / contexts [B, context_len]; adds its timings to stats."""
+    b = cond.shape[0]
+    cond_emb = _cond_embedding(model, cond, sampling.guided)
+    t0 = _now(cond.device)
+    first = prefill(model, cond_emb, sampling.noise(b, model.config.vocab_size), sampling)
+    t1 = _now(cond.device)
+    rest, warm_s, warm_steps = decode_n_tokens(model, first, sampling, step, kv_block=kv_block, progress=progress)
+    stats["prefill_s"] += t1 - t0
+    stats["decode_s"] += _now(cond.device) - t1 - warm_s
+    stats["warmup_s"] += warm_s
+    stats["decode_tokens"] += b * (rest.shape[1] - warm_steps)
+    return torch.cat([first[:, None], rest], dim=1)
+
+
+def _chunks(cond: Tensor, size: int) -> Iterator[tuple[Tensor, int]]:
+    """(rows, number of real rows) of ``cond``, ``size`` at a time; the last chunk is padded with its last row, so
+    every chunk has the same shape (no recompile)."""
+    for start in range(0, cond.shape[0], size):
+        chunk = cond[start:start + size]
+        real = chunk.shape[0]
+        if real < size:
+            chunk = torch.cat([chunk, chunk[-1:].expand(size - real, *chunk.shape[1:])])
+        yield chunk, real
+
+
+def _condition(model: ARGenerator, class_labels, context_ids, guided: bool) -> Tensor:
+    """The condition rows, labels [N] or contexts [N, context_len], checked by ``model.check_cond``."""
+    if model.config.frame_prediction and guided:
+        raise ValueError("frame prediction has no classifier-free guidance: cfg_scale must be 1.0")
+    if class_labels is not None:
+        class_labels = torch.as_tensor(class_labels).reshape(-1)
+    model.check_cond(class_labels, context_ids, null_class=False)  # the null class is what guidance adds
+    return context_ids if model.config.frame_prediction else class_labels
+
+
+def _setup_cache(model: ARGenerator, rows: int, kv_block: int) -> None:
+    # NOTE: one spare slot, so that no bucket is the whole cache: a full-length slice specialises under Dynamo and
+    # would compile a second graph for the last bucket.
+    model.setup_caches(rows, _round_up(model.config.pe_len, kv_block) + 1)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _check_options(*, kv_mode: str, kv_block: int, batch_size: int | None, return_video: bool, tokenizer) -> None:
     if kv_mode not in ("prefix", "whole"):
         raise ValueError(f"kv_mode must be 'prefix' or 'whole', got {kv_mode!r}")
     if not isinstance(kv_block, int) or kv_block < 2:
@@ -136,28 +298,6 @@ def _check_args(model: ARGenerator, class_labels, context_ids, cfg_scale, temper
         raise ValueError(f"batch_size must be a positive int, got {batch_size}")
     if return_video and tokenizer is None:
         raise ValueError("return_video=True needs a tokenizer with .decode(ids)")
-    guided = cfg_scale != 1.0
-    if cfg.frame_prediction:
-        if guided:
-            raise ValueError("frame prediction has no classifier-free guidance: cfg_scale must be 1.0")
-        if class_labels is not None or context_ids is None:
-            raise ValueError("a frame-prediction model needs context_ids (and no class_labels)")
-        if not isinstance(context_ids, Tensor) or context_ids.dim() != 2:
-            raise ValueError("context_ids must be an int tensor [N, context_len]")
-        if context_ids.shape[1] > cfg.context_len:
-            raise ValueError(f"context_ids has {context_ids.shape[1]} tokens, longer than the model's maximum "
-                             f"context of {cfg.context_len} (cls_token_num - 1; SEP is appended by generate)")
-        model.check_cond(None, context_ids)
-        return context_ids, False
-    if context_ids is not None or class_labels is None:
-        raise ValueError("a class-conditional model needs class_labels (and no context_ids)")
-    labels = torch.as_tensor(class_labels).reshape(-1)
-    if labels.dtype.is_floating_point or labels.numel() == 0:
-        raise ValueError("class_labels must be a non-empty int tensor / list")
-    bad = labels[(labels < 0) | (labels >= cfg.num_classes)]
-    if bad.numel():
-        raise ValueError(f"class id {int(bad[0])} out of range [0, {cfg.num_classes})")
-    return labels, guided
 
 
 @torch.no_grad()
@@ -165,123 +305,33 @@ def generate(model: ARGenerator, *, class_labels: Tensor | list[int] | None = No
              cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              seed: int | None = None, batch_size: int | None = None, compile: bool = False,
              kv_mode: str = "prefix", kv_block: int = 128, tokenizer=None, return_video: bool = False,
-             progress: bool = True) -> GenerateOutput:
-    """Sample ``max_seq_len`` tokens per clip.
+             progress: bool | None = None) -> GenerateOutput:
+    """Sample ``max_seq_len`` tokens per clip with ``model`` (an :class:`ARGenerator`, in eval mode for the call).
 
-    Args:
-        model: an :class:`ARGenerator` (put in eval mode for the call).
-        class_labels: [N] class ids in [0, num_classes) (class-conditional models).
-        context_ids: [N, context_len] tokens of the context clip (frame prediction: the first 5 frames repeated to
-            16 and tokenized, LARP protocol); SEP is appended here.
-        cfg_scale: classifier-free guidance (batch doubled with the null class when != 1; LARP uses 1.25).
-        temperature: > 0; top_k: 0 = off; top_p: in (0, 1], 1 = off.
-        seed: seeds the sampling noise (same seed -> same tokens, eager or compiled).
-        batch_size: rows per forward (chunks of N; the last chunk is padded so shapes never change).
-        compile: compile the decode step (CUDA: reduce-overhead + fullgraph; CPU: default mode).
-        kv_mode: "prefix" (read the live cache prefix, bucketed by ``kv_block``) or "whole" (gpt-fast).
-        tokenizer, return_video: decode ids to video with ``tokenizer.decode(ids)``.
-        progress: tqdm bar over decode steps.
-    Returns:
-        GenerateOutput(ids [N, max_seq_len], video, stats) with stats ``prefill_s``, ``warmup_s`` (compiled steps
-        whose shapes ran for the first time in this process: compile and CUDA-graph recording), ``decode_s`` and
-        ``decode_tokens`` (all other steps), ``tokens_per_s`` (their rate: the steady state).
+    Args: class_labels [N] in [0, num_classes) for a class-conditional model, or context_ids [N, context_len]
+    (frame prediction: the context clip's tokens; SEP is appended here). cfg_scale, temperature, top_k, top_p,
+    seed: see :meth:`Sampling.create`. batch_size: rows per forward (the last chunk is padded, so shapes never
+    change). compile: compile the decode step (:class:`DecodeStep`). kv_mode: "prefix" (the live cache prefix,
+    bucketed by ``kv_block``) or "whole" (gpt-fast). tokenizer, return_video: also decode the ids to video.
+    progress: a bar over decode steps (None: :func:`dera_fast.set_progress_bar_config`).
+
+    Returns GenerateOutput(ids [N, max_seq_len], video, stats): ``prefill_s``, ``warmup_s`` (compiled steps at a
+    shape new to the model: compile and CUDA-graph recording), ``decode_s`` and ``decode_tokens`` (all other steps),
+    ``tokens_per_s`` (their rate: the steady state).
     """
-    from tqdm.auto import tqdm
-
-    cond, guided = _check_args(model, class_labels, context_ids, cfg_scale, temperature, top_k, top_p, kv_mode,
-                               kv_block, batch_size, return_video, tokenizer)
-    cfg = model.config
     device = model.pos_emb.device
-    cond = cond.to(device)
-    n = cond.shape[0]
-    bs = min(batch_size or n, n)
-    gen = torch.Generator(device=device)
-    if seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(seed)
-    f32 = dict(device=device, dtype=torch.float32)
-    knobs = (torch.tensor(temperature, **f32), torch.tensor(top_k, device=device), torch.tensor(top_p, **f32),
-             torch.tensor(cfg_scale, **f32))
-    flags = dict(guided=guided, filtered=top_k > 0 or top_p < 1)
-    step = compiled_decode_one_token(device.type) if compile else decode_one_token
-    # NOTE: one spare slot, so that no bucket is the whole cache: a full-length slice specialises under Dynamo and
-    # would compile a second graph for the last bucket.
-    cache_len = find_multiple(cfg.pe_len, kv_block) + 1
+    sampling = Sampling.create(device, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                               seed=seed)
+    _check_options(kv_mode=kv_mode, kv_block=kv_block, batch_size=batch_size, return_video=return_video,
+                   tokenizer=tokenizer)
+    cond = _condition(model, class_labels, context_ids, sampling.guided).to(device)
+    bs = min(batch_size or cond.shape[0], cond.shape[0])
+    _setup_cache(model, 2 * bs if sampling.guided else bs, kv_block)
+    step = DecodeStep.of(model, compile)
     stats = dict(prefill_s=0.0, warmup_s=0.0, decode_s=0.0, decode_tokens=0)
-
-    was_training = model.training
-    model.eval()
-    try:
-        out = []
-        for start in range(0, n, bs):
-            chunk = cond[start:start + bs]
-            real = chunk.shape[0]
-            if real < bs:  # pad with the last row: same shapes, no recompile
-                chunk = torch.cat([chunk, chunk[-1:].expand(bs - real, *chunk.shape[1:])])
-            out.append(_generate_chunk(model, chunk, guided, knobs, flags, step, compile, gen, cache_len, kv_mode,
-                                       kv_block, stats, progress and tqdm)[:real])
-        ids = torch.cat(out)
-    finally:
-        model.train(was_training)
+    kw = dict(kv_block=None if kv_mode == "whole" else kv_block, progress=progress, stats=stats)
+    with _eval_mode(model):
+        ids = torch.cat([_generate_chunk(model, chunk, sampling, step, **kw)[:real]
+                         for chunk, real in _chunks(cond, bs)])
     stats["tokens_per_s"] = stats["decode_tokens"] / stats["decode_s"] if stats["decode_s"] > 0 else float("nan")
-    video = tokenizer.decode(ids) if return_video else None
-    return GenerateOutput(ids=ids, video=video, stats=stats)
-
-
-def _generate_chunk(model: ARGenerator, cond: Tensor, guided: bool, knobs, flags, step, compiled: bool, gen,
-                    cache_len: int, kv_mode: str, kv_block: int, stats: dict, tqdm) -> Tensor:
-    """Generate [B, max_seq_len] ids for one chunk of labels [B] / contexts [B, context_len]."""
-    cfg = model.config
-    device = cond.device
-    b = cond.shape[0]
-    model.setup_caches(2 * b if guided else b, cache_len, model.pos_emb.dtype)
-    if cfg.frame_prediction:
-        cond_emb = model.embed_cond(context_ids=cond)  # [B, context_len + 1, dim]
-    else:
-        labels = torch.cat([cond, torch.full_like(cond, cfg.num_classes)]) if guided else cond
-        cond_emb = model.embed_cond(class_labels=labels)  # [B', 1, dim]
-
-    def noise():
-        return torch.empty((b, cfg.vocab_size), device=device).exponential_(generator=gen)
-
-    t0 = time.perf_counter()
-    tok = prefill(model, cond_emb, noise(), *knobs, **flags)
-    seq = torch.empty((b, cfg.max_seq_len), dtype=torch.long, device=device)
-    seq[:, 0] = tok
-    _sync(device)
-    stats["prefill_s"] += time.perf_counter() - t0
-
-    c = cfg.cls_token_num
-    input_pos = torch.tensor([c], device=device)
-    cur = tok.view(b, 1)
-    steps = range(1, cfg.max_seq_len)
-    _sync(device)
-    t_loop, warm_s, warm_steps = time.perf_counter(), 0.0, 0
-    for i in (tqdm(steps, desc="generate", leave=False) if tqdm else steps):
-        pos = c + i - 1  # position of `cur`, known on the host without a sync
-        if kv_mode == "whole":
-            kv_pos = model.kv_positions
-        else:
-            kv_pos = model.kv_positions[:find_multiple(pos + 1, kv_block)]
-            torch._dynamo.maybe_mark_dynamic(kv_pos, 0)
-        # A step with a shape this process has not run yet compiles or records a CUDA graph: time it apart.
-        key = (device.type, kv_pos.shape[0], b, tuple(flags.values()), kv_mode, model.pos_emb.dtype, id(model))
-        first = compiled and key not in _SEEN
-        if first:
-            _SEEN.add(key)
-            _sync(device)
-            t0 = time.perf_counter()
-        nxt = step(model, cur, input_pos, kv_pos, noise(), *knobs, **flags).clone()  # leaves the CUDA graph
-        seq[:, i] = nxt
-        cur = nxt.view(b, 1)
-        input_pos += 1
-        if first:
-            _sync(device)
-            warm_s += time.perf_counter() - t0
-            warm_steps += 1
-    _sync(device)
-    stats["warmup_s"] += warm_s
-    stats["decode_s"] += time.perf_counter() - t_loop - warm_s
-    stats["decode_tokens"] += b * (cfg.max_seq_len - 1 - warm_steps)
-    return seq
+    return GenerateOutput(ids=ids, video=tokenizer.decode(ids) if return_video else None, stats=stats)

@@ -2,12 +2,14 @@
 
 The compiled tests share one compiled decode step (module fixture): CPU Inductor compiles cost tens of seconds.
 """
+import dataclasses
+
 import pytest
 import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from dera_fast.generate import decode_one_token, generate, prefill
+from dera_fast.generate import Sampling, decode_one_token, generate, prefill
 from dera_fast.models.ar import ARGenerator, GeneratorConfig
 
 KW = dict(progress=False, kv_block=8)
@@ -70,20 +72,21 @@ def test_sampler_respects_top_k_and_top_p():
 
 def test_cfg_scale_one_equals_unguided(model):
     """The doubled (conditional + null) batch at scale 1 gives the unguided tokens, step for step."""
-    cfg = model.config
-    noise = torch.empty(cfg.max_seq_len, 2, cfg.vocab_size).exponential_()
-    knobs = (torch.tensor(1.0), torch.tensor(0), torch.tensor(1.0), torch.tensor(1.0))
+    config = model.config
+    noise = torch.empty(config.max_seq_len, 2, config.vocab_size).exponential_()
+    unguided = Sampling.create(torch.device("cpu"), cfg_scale=1.0)
+    assert not unguided.guided and not unguided.filtered
     runs = []
     with torch.no_grad():
         for guided in (False, True):
+            sampling = dataclasses.replace(unguided, guided=guided)  # guided at scale 1
             model.setup_caches(4 if guided else 2, 17)
-            labels = torch.cat([LABELS, torch.full_like(LABELS, cfg.num_classes)]) if guided else LABELS
-            tok = prefill(model, model.embed_cond(class_labels=labels), noise[0], *knobs, guided=guided,
-                          filtered=False)
+            labels = torch.cat([LABELS, torch.full_like(LABELS, config.num_classes)]) if guided else LABELS
+            tok = prefill(model, model.embed_cond(class_labels=labels), noise[0], sampling)
             toks = [tok]
-            for i in range(1, cfg.max_seq_len):
+            for i in range(1, config.max_seq_len):
                 tok = decode_one_token(model, tok.view(2, 1), torch.tensor([i]), model.kv_positions[:16], noise[i],
-                                       *knobs, guided=guided, filtered=False)
+                                       sampling)
                 toks.append(tok)
             runs.append(torch.stack(toks, 1))
     assert torch.equal(*runs)
@@ -143,6 +146,45 @@ def test_bad_frame_prediction_arguments(fp_model):
         generate(fp_model, context_ids=torch.zeros(1, 5, dtype=torch.long), **KW)
     with pytest.raises(ValueError, match="cfg_scale"):
         generate(fp_model, context_ids=torch.zeros(1, 16, dtype=torch.long), cfg_scale=1.5, **KW)
+
+
+@pytest.mark.parametrize("n", [5, 17], ids=["short", "long"])
+def test_context_length_is_checked_in_one_place(fp_model, n):
+    """generate and the model refuse a wrong-length context with the same message (generate used to have its own
+    check, which let a shorter context through to the model's)."""
+    ctx = torch.zeros(1, n, dtype=torch.long)
+    with pytest.raises(ValueError) as by_generate:
+        generate(fp_model, context_ids=ctx, **KW)
+    with pytest.raises(ValueError) as by_model:
+        fp_model(torch.zeros(1, 3, dtype=torch.long), context_ids=ctx)
+    assert str(by_generate.value) == str(by_model.value)
+    assert ("exactly the context clip's" if n < 16 else "longer than the model's maximum") in \
+        str(by_model.value)
+
+
+def test_null_class_is_for_training_and_guidance_only(model):
+    null = torch.tensor([model.config.num_classes])
+    assert model(torch.zeros(1, 3, dtype=torch.long), class_labels=null).shape == (1, 4, 64)  # class dropout
+    with pytest.raises(ValueError, match="class id 5 out of range"):
+        generate(model, class_labels=null, **KW)
+    with pytest.raises(ValueError, match="class id 6 out of range"):
+        model(torch.zeros(1, 3, dtype=torch.long), class_labels=null + 1)
+    with pytest.raises(ValueError, match="class_labels must be a non-empty int tensor"):
+        generate(model, class_labels=[], **KW)
+
+
+def test_decoding_functions_stay_small():
+    """generate.py reads like gpt-fast's: no function over 40 lines, none with more than 6 positional parameters."""
+    import ast
+    import inspect
+
+    import dera_fast.generate as module
+    funcs = [n for n in ast.walk(ast.parse(inspect.getsource(module)))
+             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    assert {"generate", "decode_n_tokens", "decode_one_token", "prefill"} <= {f.name for f in funcs}
+    for f in funcs:
+        assert f.end_lineno - f.lineno + 1 < 40, f"{f.name} has {f.end_lineno - f.lineno + 1} lines"
+        assert len(f.args.posonlyargs) + len(f.args.args) <= 6, f"{f.name} takes too many positional arguments"
 
 
 # ---------------------------------------------------------------------------------------------------------------
