@@ -6,8 +6,9 @@ GPU only. Shapes: the LARP encoder (B=8, H=12, L=2048, D=64); DeRA's two encoder
 separately and as one varlen launch (baseline: two SDPA calls); the decoder's last layer with q_rows (1024 of 2048
 rows); cross-attention Lq=256 / Lk=4096 and Lq=64 / Lk=4096 (the K/V-bandwidth case). Each runs fwd, bwd and
 fwd+bwd. extra_info: TFLOP/s (4*B*H*Lq*Lk*D forward, x2.5 backward, x3.5 both), peak memory, K/V GB/s for the
-cross-attention shapes, and the ratio to the best SDPA backend measured earlier in the same run
-(`vs_best_sdpa` > 1 means faster).
+cross-attention shapes. The ratio to the best SDPA backend is computed from the JSON, not from the run order:
+
+    python bench/plot_bench.py attention.json --md table.md --baseline 'attention=sdpa-*'
 """
 import pytest
 import torch
@@ -34,10 +35,8 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
 SDPA = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
         "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION}
-OURS = (["triton"] if backends.HAS_TRITON else []) + (
-    ["cuda"] if "cuda" in backends.EXT_OPS.get("dera_fast_C::attention_fwd", ()) else [])
-PROVIDERS = [*SDPA, "flex", "torch", *OURS]  # SDPA first: later providers report vs_best_sdpa
-_best_sdpa_ms: dict = {}  # (shape, mode) -> fastest SDPA backend time in this run
+OURS = [b for b in ("triton", "cuda") if backends.why_unavailable(b, "attention", "cuda") is None]
+PROVIDERS = [*SDPA, "flex", "torch", *OURS]
 
 
 def _flops(kind, lq, lk, extra):
@@ -103,7 +102,7 @@ def _fn(provider, kind, lq, lk, extra):
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", list(SHAPES))
-def bench_attention(run_bench, benchmark, shape, mode, provider):
+def bench_attention(run_bench, shape, mode, provider):
     kind, lq, lk, extra = SHAPES[shape]
     fwd, leaves = _fn(provider, kind, lq, lk, extra)
     try:
@@ -125,14 +124,10 @@ def bench_attention(run_bench, benchmark, shape, mode, provider):
     else:
         def fn():
             torch.autograd.grad(fwd(), leaves, douts)
-    extra_info = dict(provider=provider, shape=shape, mode=mode, dtype="bf16", B=B, H=H, D=D)
+    # shape carries the mode: plot_bench.py compares bars of the same group and shape
+    extra_info = dict(backend=provider, shape=f"{shape}-{mode}", mode=mode, dtype="bf16", B=B, H=H, D=D)
     bytes_moved = None
     if shape.startswith("cross"):  # the K/V stream: read K and V once (bwd: also write dK, dV)
         kv_bytes = 2 * B * H * lk * D * 2
         bytes_moved = kv_bytes * (1 if mode == "fwd" else 2 if mode == "bwd" else 3)
-    t = run_bench(fn, flops=_flops(kind, lq, lk, extra) * FLOP_FACTOR[mode], bytes_moved=bytes_moved, **extra_info)
-    key = (shape, mode)
-    if provider in SDPA:
-        _best_sdpa_ms[key] = min(_best_sdpa_ms.get(key, float("inf")), t * 1e3)
-    elif key in _best_sdpa_ms:
-        benchmark.extra_info["vs_best_sdpa"] = _best_sdpa_ms[key] / (t * 1e3)
+    run_bench(fn, flops=_flops(kind, lq, lk, extra) * FLOP_FACTOR[mode], bytes_moved=bytes_moved, **extra_info)

@@ -5,9 +5,10 @@ qkv 768x2304 without bias, proj 768x768 + bias, fc1 768x3072 + bias, fc2 3072x76
 85.0M parameters in 120 tensors), fp32 and bf16, one global group and per-tensor groups.
 
 Variants: ``loop`` (per-tensor Python loop, the reference), ``libmtl`` (LibMTL PCGrad style: flatten into one
-[2, P] fp32 buffer, dot / norm, ``.item()`` + Python ``if``), ``torch`` (the foreach backend), ``triton``, ``cuda``.
-Reported: GB/s (and the fraction of the HBM datasheet bandwidth), host syncs per call (counted with
-``torch.cuda.set_sync_debug_mode``; GPU only). Without CUDA only a small CPU shape of the torch variants runs.
+[2, P] fp32 buffer, dot / norm, ``.item()`` + Python ``if``), ``torch`` (the foreach backend), ``triton``, ``cuda``,
+``cpp`` (the C++ CPU loop). Reported: GB/s (and the fraction of the HBM datasheet bandwidth), host syncs per call
+(counted with ``torch.cuda.set_sync_debug_mode``; GPU only). Without CUDA: the small shape for every CPU variant,
+and dera-l for ``torch`` / ``cpp`` only (the size class of the automatic ``cpp`` rule in dera_fast/backends.py).
 """
 import time
 import warnings
@@ -16,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import machine_info
 from dera_fast import backends
 from dera_fast.ops import gradient_gram, sacp_project
 from dera_fast.ops.sacp import gradient_gram_ref, sacp_project_ref
@@ -34,18 +36,18 @@ def _vit_shapes(depth: int, d: int, mlp: int = 4) -> list[tuple[int, ...]]:
 SIZES = [pytest.param("dera-l", 12, 768, id="dera-l-85M"), pytest.param("cpu-small", 2, 128, id="cpu-small-0.4M")]
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
 GROUPS = [pytest.param("global", id="global"), pytest.param("tensor", id="per-tensor")]
-VARIANTS = ["loop", "libmtl", "torch", "triton", "cuda"]
+VARIANTS = ["loop", "libmtl", "torch", "triton", "cuda", "cpp"]
 
 
 def _skip(size, variant, dtype):
-    if size == "dera-l" and not HAS_CUDA:
-        pytest.skip("the dera-l shape runs on the GPU only")
+    if size == "dera-l" and not HAS_CUDA and variant not in ("torch", "cpp"):
+        pytest.skip("on CPU the dera-l shape runs for torch and cpp only (the dispatch rule's large class)")
     if size == "cpu-small" and HAS_CUDA:
         pytest.skip("the small CPU shape is for machines without CUDA")
     if variant == "triton" and not HAS_CUDA:
         pytest.skip("Triton benchmarks need a GPU (the interpreter is not a performance target)")
-    if variant == "cuda" and DEVICE not in backends.EXT_OPS.get("dera_fast_C::gradient_gram", ()):
-        pytest.skip(f"the extension has no {DEVICE} gradient_gram kernel")
+    if variant in backends.BACKENDS and (why := backends.why_unavailable(variant, "sacp_project", DEVICE)):
+        pytest.skip(f"{variant}: {why}")
     if not HAS_CUDA and dtype == torch.bfloat16:
         pytest.skip("bf16 on CPU is not a target")
 
@@ -201,3 +203,46 @@ def bench_dera_step_sacp_overhead(run_bench, benchmark, preset, batch):
     t = run_bench(lambda: step(True), inner=5 if HAS_CUDA else 1, rounds=5 if HAS_CUDA else 2, preset=preset,
                   batch=batch, baseline_ms=base * 1e3)
     benchmark.extra_info["sacp_overhead"] = t / base - 1
+
+
+CPU_CLASSES = {  # the size classes of the automatic cpp rule (dera_fast/backends.py): name -> tensor shapes
+    "cpu-small-22x": _vit_shapes(2, 128),
+    "dera-l-132x": _vit_shapes(12, 768),
+    "few-big-4x8M": [(2048, 4096)] * 4,
+    "many-tiny-2000x100": [(100,)] * 2000,
+}
+
+
+@pytest.mark.benchmark(group="sacp_cpu_classes")
+@pytest.mark.skipif(HAS_CUDA, reason="CPU benchmark; runs on machines without a GPU")
+@pytest.mark.parametrize("op", ["gram", "project"])
+@pytest.mark.parametrize("size", list(CPU_CLASSES))
+def bench_sacp_cpu_classes(benchmark, size, op):
+    """cpp vs the torch path in interleaved rounds (the shared machine drifts between back-to-back runs)."""
+    import os
+    import statistics
+
+    if backends.why_unavailable("cpp", "sacp_project", "cpu"):
+        pytest.skip("needs the C++ CPU kernels")
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    g = torch.Generator().manual_seed(0)
+    a = [torch.randn(s, generator=g) for s in CPU_CLASSES[size]]
+    b = [torch.randn(s, generator=g) for s in CPU_CLASSES[size]]
+    out = [torch.empty_like(x) for x in a]
+    fns = {be: (lambda be=be: gradient_gram(a, b, backend=be)) if op == "gram" else
+           (lambda be=be: sacp_project(a, b, out=out, backend=be)) for be in ("cpp", "torch")}
+    times = {be: [] for be in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(5):
+        for be, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[be].append(time.perf_counter() - t0)
+    ms = {be: statistics.median(t) * 1e3 for be, t in times.items()}
+    benchmark.pedantic(fns["cpp"], rounds=1, iterations=1)
+    numel = sum(x.numel() for x in a)
+    benchmark.extra_info.update(**machine_info(), backend="cpp", shape=f"{size}-{op}", ms=ms["cpp"], variants=ms,
+                                baseline="torch",
+                                threads=torch.get_num_threads(), params=numel,
+                                **{"GB/s": numel * 4 * (2 if op == "gram" else 5) / ms["cpp"] / 1e6})

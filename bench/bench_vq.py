@@ -1,36 +1,44 @@
 """VQ op family benchmarks: every backend against the naive path LARP runs, on the same inputs in one run.
 
     pytest bench/bench_vq.py --benchmark-json=bench/results/<machine>/vq.json
+    python bench/plot_bench.py bench/results/<machine>/vq.json --md table.md --baseline torch --baseline vq_*=naive
 
-GPU shapes (issue 2): N = B*1024 for B in {8, 32}, K = 8192, D = 16 (LARP), plus K = 65536, D = 256. CPU: the
-C++ vq_nearest against torch.cdist + argmin at N = 16384, K = 8192, D = 16 (target >= 2x).
-extra_info carries pairs/s, TFLOP/s (2*N*K*D), GB/s (bytes the fused kernel must move), peak memory, and the
-naive baseline's time from the same run (`baseline_ms`, `speedup`).
+GPU shapes (issue 2): N = B*1024 for B in {8, 32}, K = 8192, D = 16 (LARP), plus K = 65536, D = 256; one benchmark
+per backend, ratios computed from the JSON (plot_bench.py: the baseline backend's time on the same group and shape).
+CPU (issue 13): ``bench_vq_nearest_cpu_grid``, the automatic choice (the C++ kernel ``cpp``) against the torch path
+and torch.cdist + argmin at every D in {8, 16, 32, 64, 128, 256}, K in {1024, 8192}, N in {4096, 16384} (plus
+N in {1, 64}, the small-batch class of the dispatch rule), 2 threads by default (BENCH_THREADS). They run in
+interleaved rounds inside one benchmark (the machine is shared: back-to-back runs drift), with the torch path's GEMMs
+alone (``torch-gemm-only``: its lower bound, how GEMM-bound it is), and each record carries all the medians in
+``extra_info["variants"]`` plus ``gflops`` per variant and ``matmul_gflops``, the rate of a 2048^3 fp32 matmul on
+the same threads (the practical compute ceiling).
+extra_info carries pairs/s, TFLOP/s (2*N*K*D), GB/s (bytes the fused kernel must move), peak memory.
 """
+import os
+import statistics
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE, HAS_CUDA
+from conftest import DEVICE, HAS_CUDA, machine_info
 from dera_fast import backends
 from dera_fast.ops import codebook_cross_entropy, vq_nearest, vq_sample
 
 GPU_SHAPES = [pytest.param(8 * 1024, 8192, 16, id="N8192-K8192-D16"),
               pytest.param(32 * 1024, 8192, 16, id="N32768-K8192-D16"),
               pytest.param(8192, 65536, 256, id="N8192-K65536-D256")]
+CPU_GRID = [pytest.param(n, k, d, id=f"N{n}-K{k}-D{d}") for n in (4096, 16384) for k in (1024, 8192)
+            for d in (8, 16, 32, 64, 128, 256)]
+CPU_SMALL_N = [pytest.param(n, k, d, id=f"N{n}-K{k}-D{d}") for n in (1, 64) for k in (1024, 8192) for d in (16, 256)]
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="GPU benchmark")
-_baseline_ms: dict = {}  # (op, shape) -> naive time, filled by the naive case that runs first in each group
 
 
-def _backends_for(op_ext: str):
-    out = [pytest.param("naive", id="naive")]
-    for name in backends.BACKENDS:
-        if name == "cuda" and DEVICE not in backends.EXT_OPS.get(op_ext, ()):
-            continue
-        if name == "triton" and "triton" not in backends.available(DEVICE):
-            continue
-        out.append(pytest.param(name, id=name))
-    return out
+def _backends_for(op: str):
+    """naive, then every backend that can run ``op`` on this machine's device."""
+    return [pytest.param("naive", id="naive")] + [pytest.param(name, id=name) for name in backends.BACKENDS
+                                                   if backends.why_unavailable(name, op, DEVICE) is None]
 
 
 def _naive_nearest(z, cb):
@@ -52,34 +60,32 @@ def _naive_ce(h, cb, t):
 
 @requires_cuda
 @pytest.mark.benchmark(group="vq_nearest")
-@pytest.mark.parametrize("backend", _backends_for("dera_fast_C::vq_nearest"))
+@pytest.mark.parametrize("backend", _backends_for("vq_nearest"))
 @pytest.mark.parametrize("N, K, D", GPU_SHAPES)
-def bench_vq_nearest(run_bench, benchmark, backend, N, K, D):
+def bench_vq_nearest(run_bench, backend, N, K, D):
     z = torch.randn(N, D, device=DEVICE)
     cb = torch.randn(K, D, device=DEVICE)
     fn = (lambda: _naive_nearest(z, cb)) if backend == "naive" else (lambda: vq_nearest(z, cb, backend=backend))
-    _timed(run_bench, benchmark, ("nearest", N, K, D), backend, fn, N, K, D,
-           bytes_moved=4 * (N * D + K * D + K) + 8 * N)
+    _timed(run_bench, backend, fn, N, K, D, bytes_moved=4 * (N * D + K * D + K) + 8 * N)
 
 
 @requires_cuda
 @pytest.mark.benchmark(group="vq_sample")
-@pytest.mark.parametrize("backend", _backends_for("dera_fast_C::vq_sample"))
+@pytest.mark.parametrize("backend", _backends_for("vq_sample"))
 @pytest.mark.parametrize("N, K, D", GPU_SHAPES)
-def bench_vq_sample(run_bench, benchmark, backend, N, K, D):
+def bench_vq_sample(run_bench, backend, N, K, D):
     z = torch.randn(N, D, device=DEVICE)
     cb = torch.randn(K, D, device=DEVICE)
     fn = ((lambda: _naive_sample(z, cb, 0.03)) if backend == "naive"
           else (lambda: vq_sample(z, cb, temperature=0.03, backend=backend)))
-    _timed(run_bench, benchmark, ("sample", N, K, D), backend, fn, N, K, D,
-           bytes_moved=4 * (N * D + K * D + N) + 8 * N)
+    _timed(run_bench, backend, fn, N, K, D, bytes_moved=4 * (N * D + K * D + N) + 8 * N)
 
 
 @requires_cuda
 @pytest.mark.benchmark(group="codebook_cross_entropy")
-@pytest.mark.parametrize("backend", _backends_for("dera_fast_C::codebook_ce_fwd"))
+@pytest.mark.parametrize("backend", _backends_for("codebook_cross_entropy"))
 @pytest.mark.parametrize("N, K, D", GPU_SHAPES[:2])
-def bench_codebook_cross_entropy(run_bench, benchmark, backend, N, K, D):
+def bench_codebook_cross_entropy(run_bench, backend, N, K, D):
     h = torch.randn(N, D, device=DEVICE, requires_grad=True)
     cb = torch.randn(K, D, device=DEVICE, requires_grad=True)
     t = torch.randint(0, K, (N,), device=DEVICE)
@@ -89,32 +95,68 @@ def bench_codebook_cross_entropy(run_bench, benchmark, backend, N, K, D):
         loss.backward()
 
     # forward 2NKD + backward 4NKD (+ 2NKD recompute in the fused paths, not counted)
-    _timed(run_bench, benchmark, ("ce", N, K, D), backend, fwd_bwd, N, K, D, flops_factor=3,
-           bytes_moved=4 * 2 * (N * D + K * D) + 8 * N)
+    _timed(run_bench, backend, fwd_bwd, N, K, D, flops_factor=3, bytes_moved=4 * 2 * (N * D + K * D) + 8 * N)
 
 
-@pytest.mark.benchmark(group="vq_nearest_cpu")
-@pytest.mark.skipif(HAS_CUDA, reason="CPU benchmark; runs on machines without a GPU")
-@pytest.mark.parametrize("backend", ["naive", "torch", "cuda"])
-def bench_vq_nearest_cpu(run_bench, benchmark, backend):
-    """The C++ CPU kernel vs torch.cdist + argmin (target >= 2x) at N=16384, K=8192, D=16."""
-    N, K, D = 16384, 8192, 16
-    if backend == "cuda" and "cpu" not in backends.EXT_OPS.get("dera_fast_C::vq_nearest", ()):
-        pytest.skip("extension has no CPU vq_nearest")
+def _interleaved(fns: dict, rounds: int) -> dict:
+    """Median ms of each callable, timed in ``rounds`` round-robin rounds after one warm-up call each."""
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+
+
+_MATMUL_GFLOPS: dict = {}  # threads -> achievable fp32 GEMM rate of this machine (MKL / oneDNN, 2048^3)
+
+
+def _matmul_gflops(threads: int) -> float:
+    """The fp32 GEMM rate torch's BLAS reaches on a large square product: the practical compute ceiling."""
+    if threads not in _MATMUL_GFLOPS:
+        a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+        ms = _interleaved({"mm": lambda: a @ b}, 5)["mm"]
+        _MATMUL_GFLOPS[threads] = 2 * 2048**3 / ms / 1e6
+    return _MATMUL_GFLOPS[threads]
+
+
+def _torch_path_gemm(z, cb):
+    """The GEMMs of the torch path alone (256-row chunks, as vq_nearest_ref), without the argmin: its lower bound."""
+    bias = (cb * cb).sum(1)
+    for s in range(0, z.shape[0], 256):
+        torch.addmm(bias, z[s:s + 256], cb.t(), alpha=-2.0)
+
+
+def _cpu_grid_case(benchmark, N, K, D, rounds):
+    threads = int(os.environ.get("BENCH_THREADS", "2"))
+    torch.set_num_threads(threads)
     z, cb = torch.randn(N, D), torch.randn(K, D)
-    fn = ((lambda: torch.cdist(z, cb).argmin(1)) if backend == "naive"
-          else (lambda: vq_nearest(z, cb, backend=backend)))
-    _timed(run_bench, benchmark, ("nearest_cpu", N, K, D), backend, fn, N, K, D,
-           bytes_moved=4 * (N * D + K * D + K) + 8 * N, workspace_MB=(4 * N * K / 2**20 if backend == "naive"
-                                                                      else 4 * 256 * K / 2**20 if backend == "torch"
-                                                                      else 0.0))
+    auto = backends.pick("vq_nearest", {"torch": None, "cpp": None}, z, shape={"N": N, "K": K, "D": D})[0]
+    fns = {"auto": lambda: vq_nearest(z, cb), "torch": lambda: vq_nearest(z, cb, backend="torch"),
+           "cdist": lambda: torch.cdist(z, cb).argmin(1), "torch-gemm-only": lambda: _torch_path_gemm(z, cb)}
+    ms = _interleaved(fns, rounds)
+    # the pytest-benchmark stats of the record are the automatic choice's; the medians of all three (same rounds)
+    # are in extra_info["variants"], from which plot_bench.py computes the ratios
+    benchmark.pedantic(fns["auto"], rounds=1, iterations=1)
+    flops = 2 * N * K * D
+    benchmark.extra_info.update(
+        **machine_info(), backend="auto", auto_picks=auto, shape=f"N{N}-K{K}-D{D}", N=N, K=K, D=D,
+        threads=threads, rounds=rounds, ms=ms["auto"], variants=ms, baseline="torch",
+        gflops={name: flops / t / 1e6 for name, t in ms.items()}, matmul_gflops=_matmul_gflops(threads),
+        **{"TFLOP/s": flops / ms["auto"] / 1e9})
 
 
-def _timed(run_bench, benchmark, key, backend, fn, N, K, D, *, flops_factor=1, **extra):
-    t = run_bench(fn, pairs=N * K, flops=2 * N * K * D * flops_factor, backend=backend, shape=f"N{N}-K{K}-D{D}",
-                  N=N, K=K, D=D, **extra)
-    if backend == "naive":
-        _baseline_ms[key] = t * 1e3
-    elif key in _baseline_ms:  # the naive case of the same shape ran first in this group
-        benchmark.extra_info["baseline_ms"] = _baseline_ms[key]
-        benchmark.extra_info["speedup"] = _baseline_ms[key] / (t * 1e3)
+@pytest.mark.benchmark(group="vq_nearest_cpu_grid")
+@pytest.mark.skipif(HAS_CUDA, reason="CPU benchmark; runs on machines without a GPU")
+@pytest.mark.parametrize("N, K, D", CPU_GRID + CPU_SMALL_N)
+def bench_vq_nearest_cpu_grid(benchmark, N, K, D):
+    """auto (the C++ kernel where the rule picks it) vs the torch path vs cdist + argmin, interleaved rounds."""
+    _cpu_grid_case(benchmark, N, K, D, rounds=5 if N * K * D < 2**33 else 3)
+
+
+def _timed(run_bench, backend, fn, N, K, D, *, flops_factor=1, **extra):
+    return run_bench(fn, pairs=N * K, flops=2 * N * K * D * flops_factor, backend=backend, shape=f"N{N}-K{K}-D{D}",
+                     N=N, K=K, D=D, **extra)

@@ -27,7 +27,8 @@ def _sync():
 def machine_info() -> dict:
     info = backends.info()
     return {
-        "device": info["gpu"] or f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} threads)",
+        "device": info["gpu"] or f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+                                 f"threads)",
         "torch": info["torch"], "triton": info["triton"], "cuda": info["torch_cuda"],
         "ext": (info["build"] or {}).get("ext_kind"), "git_sha": (info["build"] or {}).get("git_sha"),
     }

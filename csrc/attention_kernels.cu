@@ -25,7 +25,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) fwd_mma_kernel(const Params p) {
   constexpr int BM = kMmaFwdBM, BN = kMmaFwdBN, LD = D + kPad, KT = D / 16;
   static_assert(BM == 16 * kWarps, "one warp per 16 query rows");
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem_raw = dynamic_smem();
   T* sQ = reinterpret_cast<T*>(smem_raw);  // [BM][LD]
   T* sK = sQ + BM * LD;                    // [2][BN][LD]
   T* sV = sK + 2 * BN * LD;                // [2][BN][LD]
@@ -117,8 +117,10 @@ __global__ void __launch_bounds__(kThreads) fwd_mma_kernel(const Params p) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float l = quad_sum(l_run[r]);
-    inv[r] = l > 0.f ? 1.f / l : 0.f;
-    lse[r] = l > 0.f ? m_run[r] * kLn2 + logf(l) : -kInf;
+    // NOTE: "l == 0" (no visible key) rather than "l > 0": a NaN row sum (NaN in the row's inputs) must give NaN
+    // out and lse, as the reference does, not the empty-row 0 / -inf
+    inv[r] = l == 0.f ? 0.f : 1.f / l;
+    lse[r] = l == 0.f ? -kInf : m_run[r] * kLn2 + logf(l);
   }
   if (p.num_splits == 1) {
     store_acc<T, D>(static_cast<T*>(p.o) + q_row0 * D, acc, row_g, s.len_q, inv);
@@ -209,8 +211,8 @@ __global__ void __launch_bounds__(kThreads) fwd_simt_kernel(const Params p) {
   for (int rr = 0; rr < RPW; ++rr) {
     const int row = m0 + warp * RPW + rr;
     if (row >= s.len_q) continue;
-    const float l = l_run[rr], inv = l > 0.f ? 1.f / l : 0.f;
-    const float lse = l > 0.f ? m_run[rr] * kLn2 + logf(l) : -kInf;
+    const float l = l_run[rr], inv = l == 0.f ? 0.f : 1.f / l;  // NaN l stays NaN (see fwd_mma_kernel)
+    const float lse = l == 0.f ? -kInf : m_run[rr] * kLn2 + logf(l);
     const int64_t ri = q_row0 + row;
     float* o = p.num_splits == 1 ? static_cast<float*>(p.o) + ri * D
                                  : p.o_partial + (split * p.total_q_rows + ri) * D;
@@ -231,16 +233,21 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const Params p) {
   for (int row = static_cast<int>(blockIdx.x) * kRowsPerCta + warp; row < row_end; row += kWarps) {
     const int64_t ri = row_index(p.q_batch_rows, p.q_head_rows, b, h, s.q_start, row);
     float mx = -kInf;
-    for (int sp = 0; sp < p.num_splits; ++sp) mx = fmaxf(mx, p.lse_partial[sp * p.total_q_rows + ri]);
-    float lse = -kInf;
-    if (mx != -kInf) {
+    bool nan = false;  // fmaxf drops NaN: a split whose inputs held NaN must still make the row NaN
+    for (int sp = 0; sp < p.num_splits; ++sp) {
+      const float x = p.lse_partial[sp * p.total_q_rows + ri];
+      nan |= x != x;
+      mx = fmaxf(mx, x);
+    }
+    float lse = nan ? kNaN : -kInf;
+    if (mx != -kInf && !nan) {
       float sum = 0.f;
       for (int sp = 0; sp < p.num_splits; ++sp) sum += expf(p.lse_partial[sp * p.total_q_rows + ri] - mx);
       lse = mx + logf(sum);
     }
     for (int d = lane; d < D; d += 32) {
-      float o = 0.f;
-      if (lse != -kInf) {
+      float o = nan ? lse : 0.f;
+      if (lse != -kInf && !nan) {
         for (int sp = 0; sp < p.num_splits; ++sp)
           o += expf(p.lse_partial[sp * p.total_q_rows + ri] - lse) * p.o_partial[(sp * p.total_q_rows + ri) * D + d];
       }

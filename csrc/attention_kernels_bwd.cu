@@ -56,7 +56,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) bwd_dkdv_mma_kernel(const Params p) {
   constexpr int BN = kMmaKvBN, BM = mma_kv_bm(D), LD = D + kPad, KT = D / 16;
   static_assert(BN == 16 * kWarps, "one warp per 16 keys");
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem_raw = dynamic_smem();
   T* sK = reinterpret_cast<T*>(smem_raw);                     // [BN][LD]
   T* sV = sK + BN * LD;                                       // [BN][LD]
   T* sQ = sV + BN * LD;                                       // [2][BM][LD]
@@ -151,7 +151,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) bwd_dq_mma_kernel(const Params p) {
   constexpr int BM = kMmaQBM, BN = mma_q_bn(D), LD = D + kPad, KT = D / 16;
   static_assert(BM == 16 * kWarps, "one warp per 16 query rows");
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem_raw = dynamic_smem();
   T* sQ = reinterpret_cast<T*>(smem_raw);  // [BM][LD]
   T* sdO = sQ + BM * LD;                   // [BM][LD]
   T* sK = sdO + BM * LD;                   // [2][BN][LD]

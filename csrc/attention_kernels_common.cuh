@@ -1,8 +1,11 @@
 // Device-side building blocks shared by attention_kernels.cu (forward) and attention_kernels_bwd.cu (backward):
-// PTX wrappers (cp.async, ldmatrix, mma.sync m16n8k16), warp-level tile GEMMs, conversions, the launch helper.
-// Only for nvcc; everything sits in an anonymous namespace, so each .cu gets its own private copy.
-// tests/test_attention_cuda_host.py runs the kernels on the CPU by replacing the "PTX wrappers" section and
-// launch_kernel with an emulation: keep those two section comments as they are.
+// conversions, warp reductions, warp-level tile GEMMs, tile loads. Only for nvcc; everything sits in an anonymous
+// namespace, so each .cu gets its own private copy.
+// The hardware-specific pieces live in two headers of their own, included with angle brackets ON PURPOSE: they are
+// resolved through the include path (-I csrc), so tests/cuda_emu/ supplies CPU versions of exactly these two by
+// putting its folder first, and the kernels run unchanged on the host (tests/test_attention_cuda_host.py):
+//   <attention_ptx.cuh>     the PTX wrappers: cp.async, ldmatrix, mma.sync m16n8k16;
+//   <attention_launch.cuh>  the launch helper and the kernels' dynamic shared memory.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -20,6 +23,7 @@ constexpr int kWarps = kThreads / 32;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kInf = __builtin_huge_valf();
+constexpr float kNaN = __builtin_nanf("");  // a quiet NaN
 constexpr int kPad = 8;  // 16-bit elements of padding per smem row: rows start 16 bytes apart mod 128, so the
                          // 8 row addresses of an ldmatrix hit 8 different bank groups
 constexpr int kRowsPerCta = 16;  // combine and delta kernels: one warp per row, 4 rows per warp
@@ -70,52 +74,13 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-// ---------------------------------------------------------------------------------------------------------
-// PTX wrappers (sm_80+). "memory" clobbers keep them ordered with the surrounding smem accesses/barriers.
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-// 16-byte global -> shared copy; with pred false it writes 16 zero bytes and reads nothing (ragged tails).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool pred) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
-               "r"(pred ? 16 : 0)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p))
-               : "memory");
-}
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p))
-               : "memory");
-}
-// c[16x8] += a[16x16] * b[16x8]; fragment layouts as in the PTX ISA (g = lane / 4, t = lane % 4):
-// a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..); b0 (k 2t..2t+1, n g), b1 (k 2t+8.., n g);
-// c0 c1 (g, 2t..2t+1), c2 c3 (g+8, 2t..2t+1).
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, __half>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
+}  // namespace
+}  // namespace dera_fast::attn
+
+#include <attention_ptx.cuh>  // through the include path: see the top of this file
+
+namespace dera_fast::attn {
+namespace {
 
 // ---------------------------------------------------------------------------------------------------------
 // Warp-level tile GEMMs on padded row-major smem tiles (row stride LD elements). ldmatrix x4: lane L gives the
@@ -215,19 +180,7 @@ __device__ __forceinline__ void store_acc(T* out, const float (&acc)[D / 8][4], 
   }
 }
 
-// Launch `kernel` on `grid` x kThreads with `smem` bytes of dynamic shared memory; empty grids launch nothing.
-inline cudaError_t launch_kernel(void (*kernel)(Params), dim3 grid, size_t smem, const Params& p,
-                                 cudaStream_t stream) {
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
-  if (grid.y > 65535 || grid.z > 65535) return cudaErrorInvalidConfiguration;
-  if (smem > 48 * 1024) {  // above 48 KiB, dynamic shared memory needs an explicit opt-in (sm_80+: up to 227 KiB)
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
-  kernel<<<grid, kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
-}
-
 }  // namespace
 }  // namespace dera_fast::attn
+
+#include <attention_launch.cuh>  // through the include path: see the top of this file

@@ -3,6 +3,7 @@
 // deterministic and independent of the thread count.
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "common.h"
@@ -68,7 +69,11 @@ at::Tensor gradient_gram_cpu(const OptList& a_list, const OptList& b_list, at::I
   std::vector<at::Tensor> keep;
   const Pairs p = check(a_list, b_list, groups, num_groups, keep);
   std::vector<double> per(3 * p.size(), 0.0);
-  at::parallel_for(0, p.size(), 1, [&](int64_t lo, int64_t hi) {
+  int64_t total = 0;
+  for (int64_t i = 0; i < p.size(); ++i) total += (p.a[i] ? *p.a[i] : *p.b[i]).numel();
+  // NOTE: below ~64K elements a parallel region costs more than the work: one thread takes every tensor
+  const int64_t grain = total < (int64_t{1} << 16) ? std::max<int64_t>(p.size(), 1) : 1;
+  at::parallel_for(0, p.size(), grain, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const at::Tensor& x = p.a[i] ? *p.a[i] : *p.b[i];
       dispatch_float((p.a[i] ? *p.a[i] : x).scalar_type(), [&](auto ta) {

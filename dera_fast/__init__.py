@@ -8,7 +8,7 @@ import importlib
 
 from . import backends, ops
 from ._ext import ExtensionWarning
-from .backends import use_backend
+from .backends import BackendUnavailableError, use_backend
 
 __version__ = "0.1.0"
 
@@ -19,6 +19,7 @@ _LAZY = {
     "VectorQuantizer": "dera_fast.models.quantizer",
     "GeneratorConfig": "dera_fast.models.ar",
     "ARGenerator": "dera_fast.models.ar",
+    "set_progress_bar_config": "dera_fast._progress",  # one switch for the library's progress bars
 }
 _SUBMODULES = ("models", "convert", "data", "metrics", "viz", "sacp", "train", "generate")
 
@@ -31,4 +32,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'dera_fast' has no attribute {name!r}")
 
 
-__all__ = ["ops", "backends", "use_backend", "ExtensionWarning", "__version__", *_LAZY, *_SUBMODULES]
+__all__ = ["ops", "backends", "use_backend", "BackendUnavailableError", "ExtensionWarning", "__version__", *_LAZY,
+           *_SUBMODULES]

@@ -8,12 +8,18 @@ loading on purpose (no warning then).
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import warnings
+from pathlib import Path
 
 import torch
 
 REBUILD_CMD = "pip install --no-build-isolation -e ."
+# Written by setup.py's build_ext next to the compiled _C (its build output: the package folder of an editable
+# install, build_lib for a wheel), never by a plain build into the source tree; wheels without the extension get
+# it from build_py.
+BUILD_INFO_FILE = Path(__file__).with_name("_build_info.json")
 
 
 class ExtensionWarning(UserWarning):
@@ -26,10 +32,9 @@ def _minor(version: str | None) -> tuple[str, ...]:
 
 def _build_info() -> dict | None:
     try:
-        from ._build_info import BUILD_INFO
-    except ImportError:
+        return json.loads(BUILD_INFO_FILE.read_text())
+    except (OSError, ValueError):
         return None
-    return BUILD_INFO
 
 
 def _load() -> tuple[object | None, str | None, bool]:
@@ -38,7 +43,8 @@ def _load() -> tuple[object | None, str | None, bool]:
         return None, "disabled by DERA_FAST_DISABLE_EXT=1", True
     info = BUILD_INFO
     if info is None:
-        return None, "no build info found (dera_fast was not installed through setup.py)", False
+        return None, (f"not built (no build record {BUILD_INFO_FILE.name}: dera_fast was not installed through "
+                      "setup.py)"), False
     if info["ext_kind"] == "none":
         return None, f"not built: {info['ext_reason']}", info["build_mode"] == "0"
     if _minor(info["torch_version"]) != _minor(torch.__version__):

@@ -14,8 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-# NOTE: log2(e) = 1.4426950408889634 and ln(2) = 0.6931471805599453 appear as literals inside the kernels
-# (plain module globals are not visible to @triton.jit code).
+# NOTE: constexpr module globals are visible to @triton.jit code (plain ones are not).
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): exp2 is one MUFU op
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, keyed by the padded head dim bucket and the element size.
 # NOTE: one config per case, no multi-config autotune: the autotuner needs a GPU and fails in the interpreter.
@@ -84,7 +85,7 @@ def _attention_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     if start_m >= len_q:
         return
     # NOTE: fold log2(e) into the scale so the softmax uses exp2 (one MUFU op) instead of exp.
-    qk_scale = tl.cast(scale, tl.float32) * 1.4426950408889634
+    qk_scale = tl.cast(scale, tl.float32) * LOG2E
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -127,7 +128,7 @@ def _attention_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
 
     empty = l_i == 0.0
     l_div = tl.where(empty, 1.0, l_i)
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_div)) * 0.6931471805599453)  # natural log
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_div)) * LN2)  # natural log
     out = acc / l_div[:, None]
     o_ptr = O + split * split_o + bi * so_b + h * so_h + (q_start + offs_m)[:, None] * so_m + offs_d[None, :]
     tl.store(o_ptr, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
@@ -187,7 +188,7 @@ def _attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
     start_n = pid_n * BLOCK_N
     if start_n >= len_k:
         return
-    qk_scale = tl.cast(scale, tl.float32) * 1.4426950408889634
+    qk_scale = tl.cast(scale, tl.float32) * LOG2E
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -212,7 +213,7 @@ def _attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
         do = tl.load(DO + q_base + offs_m[:, None] * sq_m + offs_d[None, :], mask=qd_mask, other=0.0)
         lse = tl.load(LSE + l_base + offs_m, mask=m_ok, other=float("-inf"))
         # NOTE: rows with no visible key (lse = -inf) get +inf so that exp2(s - lse) = 0 there.
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
         delta = tl.load(DELTA + l_base + offs_m, mask=m_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
         ok = m_ok[:, None] & n_ok[None, :]
@@ -242,7 +243,7 @@ def _attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
     start_m = pid_m * BLOCK_M
     if start_m >= len_q:
         return
-    qk_scale = tl.cast(scale, tl.float32) * 1.4426950408889634
+    qk_scale = tl.cast(scale, tl.float32) * LOG2E
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -254,7 +255,7 @@ def _attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
     do = tl.load(DO + q_off, mask=qd_mask, other=0.0)
     l_off = bi * sl_b + h * sl_h + q_start + offs_m
     lse = tl.load(LSE + l_off, mask=m_ok, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
     delta = tl.load(DELTA + l_off, mask=m_ok, other=0.0)
     k_base = bi * sk_b + h * sk_h + k_start * sk_n
     hi = len_k

@@ -207,7 +207,14 @@ def _plan(a: list, b: list, out: list | None, groups: list[int], num_groups: int
 
 
 def _block(device: torch.device) -> tuple[int, int]:
-    """(BLOCK, num_warps): wide blocks on the GPU, small ones in the interpreter (each op costs per element)."""
+    """(BLOCK, num_warps): wide blocks on the GPU, small ones in the interpreter.
+
+    NOTE: not measured on a GPU yet (bench/gpu_bringup.sh runs bench/bench_sacp.py against the HBM bandwidth):
+    GPU: 2048 elements over 8 warps = 8 fp32 per thread, two 16-byte loads per tensor per thread, the usual size
+    for a bandwidth-bound elementwise pass; a multiple of 16 bytes for every dtype, and CHUNK / BLOCK = 32 full
+    blocks per program. Interpreter (constraint only): each program's ops run as numpy calls, so the block trades
+    Python overhead per iteration against array size; 1024 keeps the 65537-element test tensors to a few blocks.
+    """
     return (2048, 8) if device.type == "cuda" else (1024, 4)
 
 

@@ -13,16 +13,43 @@ import triton.language as tl
 import torch
 
 INPUT_PRECISION = "tf32x3"
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): exp2 is one MUFU op
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 
 def _blocks(D: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, BLOCK_D, num_warps) for code width D: one D tile per program."""
+    """(BLOCK_N, BLOCK_K, BLOCK_D, num_warps) for code width D: one D tile per program.
+
+    NOTE: not measured on a GPU yet (bench/gpu_bringup.sh runs bench/bench_vq.py to re-tune them); what fixes them
+    today are constraints: tl.dot needs inner dims >= 16 (BLOCK_D >= 16, a power of two >= D); the fp32 score tile
+    BLOCK_N x BLOCK_K (32 KiB at 64 x 128) plus the z tile BLOCK_N x BLOCK_D and the codebook tile BLOCK_D x BLOCK_K
+    must fit the registers / shared memory of 4 warps, so BLOCK_K halves at D > 32 and BLOCK_N at D > 128; every
+    config compiles for sm_90 within 227 KiB of shared memory (tests/test_triton_aot.py). On the CPU interpreter
+    the tile size only trades Python overhead per program against per-op numpy cost.
+    """
     block_d = max(16, triton.next_power_of_2(D))  # tl.dot needs an inner dim >= 16
     if block_d <= 32:
         return 64, 128, block_d, 4
     if block_d <= 128:
         return 64, 64, block_d, 4
     return 32, 64, block_d, 4
+
+
+@triton.jit
+def _load_rows(ptr, rows, N, D, dims):
+    """Rows ``rows`` of a row-major [N, D] matrix as fp32 [BLOCK_N, BLOCK_D] (zeros past N and D)."""
+    return tl.load(ptr + rows[:, None] * D + dims[None, :], mask=(rows[:, None] < N) & (dims[None, :] < D),
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_codes_t(cb_ptr, k0, K, D, dims, BLOCK_K: tl.constexpr):
+    """Codes k0 .. k0 + BLOCK_K of the [K, D] codebook, transposed to [BLOCK_D, BLOCK_K] for ``tl.dot(z, c)`` (zeros
+    past K and D, so padding codes score 0 and must be masked by the caller). Returns (code ids, tile)."""
+    codes = k0 + tl.arange(0, BLOCK_K)
+    c = tl.load(cb_ptr + codes[None, :] * D + dims[:, None], mask=(codes[None, :] < K) & (dims[:, None] < D),
+                other=0.0)
+    return codes, c
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -35,15 +62,12 @@ def _vq_nearest_fwd_kernel(z_ptr, cb_ptr, bias_ptr, out_ptr, N, K, D,
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    z = tl.load(z_ptr + rows[:, None] * D + dims[None, :],
-                mask=(rows[:, None] < N) & (dims[None, :] < D), other=0.0).to(tl.float32)
+    z = _load_rows(z_ptr, rows, N, D, dims)
     best = tl.full([BLOCK_N], float("inf"), tl.float32)
     best_idx = tl.zeros([BLOCK_N], tl.int32)
     for k0 in range(0, K, BLOCK_K):
-        codes = k0 + tl.arange(0, BLOCK_K)
-        c = tl.load(cb_ptr + codes[None, :] * D + dims[:, None],
-                    mask=(codes[None, :] < K) & (dims[:, None] < D), other=0.0)  # [BLOCK_D, BLOCK_K]
-        bias = tl.load(bias_ptr + codes, mask=codes < K, other=float("inf"))
+        codes, c = _load_codes_t(cb_ptr, k0, K, D, dims, BLOCK_K)  # [BLOCK_D, BLOCK_K]
+        bias = tl.load(bias_ptr + codes, mask=codes < K, other=float("inf"))  # padding codes never win
         score = bias[None, :] - 2.0 * tl.dot(z, c, input_precision=PRECISION)
         tile_min, tile_idx = tl.min(score, axis=1, return_indices=True)  # leftmost index on ties
         # strict < keeps the earlier tile on ties: first-index tie-break across tiles too
@@ -71,12 +95,10 @@ def vq_nearest_fwd(z: torch.Tensor, codebook: torch.Tensor, bias: torch.Tensor) 
 def _vq_sample_fwd_kernel(z_ptr, cb_ptr, u_ptr, out_ptr, N, K, D, inv_t,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                           PRECISION: tl.constexpr):
-    LOG2E: tl.constexpr = 1.4426950408889634
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    z = tl.load(z_ptr + rows[:, None] * D + dims[None, :],
-                mask=(rows[:, None] < N) & (dims[None, :] < D), other=0.0).to(tl.float32)
+    z = _load_rows(z_ptr, rows, N, D, dims)
     # fold 1/|z|, 1/T and log2(e) into one per-row scale so both passes use exp2 on the raw dot
     norm = tl.maximum(tl.sqrt(tl.sum(z * z, axis=1)), 1e-12)
     scale = tl.cast(inv_t, tl.float32) * LOG2E / norm
@@ -84,9 +106,7 @@ def _vq_sample_fwd_kernel(z_ptr, cb_ptr, u_ptr, out_ptr, N, K, D, inv_t,
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        codes = k0 + tl.arange(0, BLOCK_K)
-        c = tl.load(cb_ptr + codes[None, :] * D + dims[:, None],
-                    mask=(codes[None, :] < K) & (dims[:, None] < D), other=0.0)
+        codes, c = _load_codes_t(cb_ptr, k0, K, D, dims, BLOCK_K)
         logit = tl.dot(z, c, input_precision=PRECISION) * scale[:, None]
         logit = tl.where(codes[None, :] < K, logit, float("-inf"))
         m_new = tl.maximum(m, tl.max(logit, axis=1))
@@ -98,9 +118,7 @@ def _vq_sample_fwd_kernel(z_ptr, cb_ptr, u_ptr, out_ptr, N, K, D, inv_t,
     pick = tl.full([BLOCK_N], -1, tl.int32)
     last_pos = tl.zeros([BLOCK_N], tl.int32)  # fallback when rounding keeps the CDF below the target
     for k0 in range(0, K, BLOCK_K):
-        codes = k0 + tl.arange(0, BLOCK_K)
-        c = tl.load(cb_ptr + codes[None, :] * D + dims[:, None],
-                    mask=(codes[None, :] < K) & (dims[:, None] < D), other=0.0)
+        codes, c = _load_codes_t(cb_ptr, k0, K, D, dims, BLOCK_K)
         logit = tl.dot(z, c, input_precision=PRECISION) * scale[:, None]
         p = tl.where(codes[None, :] < K, tl.exp2(logit - m[:, None]), 0.0)
         cdf = run[:, None] + tl.cumsum(p, axis=1)
@@ -131,23 +149,18 @@ def vq_sample_fwd(z: torch.Tensor, codebook: torch.Tensor, u: torch.Tensor, inv_
 def _codebook_ce_fwd_kernel(h_ptr, cb_ptr, t_ptr, loss_ptr, lse_ptr, N, K, D, inv_t,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                             PRECISION: tl.constexpr):
-    LOG2E: tl.constexpr = 1.4426950408889634
-    LN2: tl.constexpr = 0.6931471805599453
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    h = tl.load(h_ptr + rows[:, None] * D + dims[None, :],
-                mask=(rows[:, None] < N) & (dims[None, :] < D), other=0.0).to(tl.float32)
+    h = _load_rows(h_ptr, rows, N, D, dims)
     tgt = tl.load(t_ptr + rows, mask=rows < N, other=0).to(tl.int32)
     scale = tl.cast(inv_t, tl.float32) * LOG2E
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_N], tl.float32)
     picked = tl.zeros([BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        codes = k0 + tl.arange(0, BLOCK_K)
-        c = tl.load(cb_ptr + codes[None, :] * D + dims[:, None],
-                    mask=(codes[None, :] < K) & (dims[:, None] < D), other=0.0).to(tl.float32)
-        logit2 = tl.dot(h, c, input_precision=PRECISION) * scale  # base-2 logits
+        codes, c = _load_codes_t(cb_ptr, k0, K, D, dims, BLOCK_K)
+        logit2 = tl.dot(h, c.to(tl.float32), input_precision=PRECISION) * scale  # base-2 logits
         logit2 = tl.where(codes[None, :] < K, logit2, float("-inf"))
         picked += tl.sum(tl.where(codes[None, :] == tgt[:, None], logit2, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(logit2, axis=1))
@@ -167,17 +180,15 @@ def _codebook_ce_bwd_dh_kernel(g_ptr, h_ptr, cb_ptr, t_ptr, lse_ptr, dh_ptr, N, 
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     rmask = rows < N
-    h = tl.load(h_ptr + rows[:, None] * D + dims[None, :], mask=rmask[:, None] & (dims[None, :] < D),
-                other=0.0).to(tl.float32)
+    h = _load_rows(h_ptr, rows, N, D, dims)
     tgt = tl.load(t_ptr + rows, mask=rmask, other=0).to(tl.int32)
     lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
     coef = tl.load(g_ptr + rows, mask=rmask, other=0.0) * tl.cast(inv_t, tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        codes = k0 + tl.arange(0, BLOCK_K)
+        codes, c = _load_codes_t(cb_ptr, k0, K, D, dims, BLOCK_K)
+        c = c.to(tl.float32)  # [BLOCK_D, BLOCK_K]
         kmask = codes < K
-        c = tl.load(cb_ptr + codes[None, :] * D + dims[:, None], mask=kmask[None, :] & (dims[:, None] < D),
-                    other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_K]
         logit = tl.dot(h, c, input_precision=PRECISION) * tl.cast(inv_t, tl.float32)
         p = tl.where(kmask[None, :], tl.exp(logit - lse[:, None]), 0.0)
         dl = (p - tl.where(codes[None, :] == tgt[:, None], 1.0, 0.0)) * coef[:, None]
@@ -191,17 +202,15 @@ def _codebook_ce_bwd_dc_kernel(g_ptr, h_ptr, cb_ptr, t_ptr, lse_ptr, dc_ptr, N, 
                                PRECISION: tl.constexpr):
     # dc_k = sum_n (p_nk - 1[k = t_n]) * g_n / T * h_n: one program per code tile, rows streamed in order
     pid = tl.program_id(0)
-    codes = pid * BLOCK_K + tl.arange(0, BLOCK_K)
     dims = tl.arange(0, BLOCK_D)
+    codes, c = _load_codes_t(cb_ptr, pid * BLOCK_K, K, D, dims, BLOCK_K)
+    c = c.to(tl.float32)  # [BLOCK_D, BLOCK_K]
     kmask = codes < K
-    c = tl.load(cb_ptr + codes[None, :] * D + dims[:, None], mask=kmask[None, :] & (dims[:, None] < D),
-                other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_K]
     acc = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
         rmask = rows < N
-        h = tl.load(h_ptr + rows[:, None] * D + dims[None, :], mask=rmask[:, None] & (dims[None, :] < D),
-                    other=0.0).to(tl.float32)
+        h = _load_rows(h_ptr, rows, N, D, dims)
         tgt = tl.load(t_ptr + rows, mask=rmask, other=0).to(tl.int32)
         lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
         coef = tl.load(g_ptr + rows, mask=rmask, other=0.0) * tl.cast(inv_t, tl.float32)

@@ -22,15 +22,34 @@ FLOOR = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.f
 
 
 def device_for(backend: str) -> str:
-    """The device a backend is tested on: CUDA when present, else CPU (Triton via the interpreter)."""
+    """The device ``backend`` is tested on: "cuda" runs on CUDA, "cpp" on the CPU, "triton" and "torch" on CUDA
+    when present, else on the CPU (Triton through its interpreter)."""
+    if backend in ("cuda", "cpp"):
+        return "cuda" if backend == "cuda" else "cpu"
     return "cuda" if HAS_CUDA else "cpu"
+
+
+def require(backend: str, op: str | None = None, *, dtype: torch.dtype | None = None, heavy: bool = False) -> str:
+    """The device to test ``backend`` on for ``op``, or pytest.skip with the reason it cannot run there.
+
+    ``dtype``: skips bf16 on the Triton interpreter (it computes bf16 tl.dot wrongly, silently); ``heavy``: the
+    shape is too slow for the interpreter (~1 ms per program), so it runs on the GPU only.
+    """
+    device = device_for(backend)
+    why = backends.why_unavailable(backend, op, device)
+    if why is not None:
+        pytest.skip(f"{backend} cannot run {op or 'here'}: {why}")
+    if backend == "triton" and device == "cpu":
+        if dtype == torch.bfloat16:
+            pytest.skip("Triton interpreter gets bf16 tl.dot wrong; bf16 Triton runs on the GPU only")
+        if heavy:
+            pytest.skip("too slow for the Triton interpreter; runs on the GPU")
+    return device
 
 
 def _backend_params():
     for name in backends.BACKENDS:
-        dev = "cuda" if HAS_CUDA else "cpu"
-        why = backends._why_not(name, "", dev, None) if name != "cuda" else (
-            None if backends.available(dev).count("cuda") else f"extension has no {dev} kernels")
+        why = backends.why_unavailable(name, None, device_for(name))
         marks = [pytest.mark.skip(reason=f"{name} unavailable: {why}")] if why else []
         yield pytest.param(name, marks=marks, id=name)
 
@@ -38,16 +57,6 @@ def _backend_params():
 @pytest.fixture(params=list(_backend_params()))
 def backend(request):
     return request.param
-
-
-def skip_if_unsupported(backend: str, dtype: torch.dtype, device: str) -> None:
-    """The Triton interpreter computes bf16 dots wrongly (silently): skip bf16 Triton cases on CPU."""
-    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
-        pytest.skip("Triton interpreter gets bf16 tl.dot wrong; bf16 Triton runs on the GPU only")
-
-
-def ext_has(op: str, device: str) -> bool:
-    return device in backends.EXT_OPS.get(f"dera_fast_C::{op}", ())
 
 
 @pytest.fixture(autouse=True)
@@ -60,12 +69,15 @@ def assert_close_to_ref(name, out, ref_fp32, ref_lowp, floor=None):
     """The flash-attention rule: max|out - ref| <= 2 * max|ref_lowp - ref| + floor[dtype].
 
     ``ref_lowp`` is what plain PyTorch achieves in ``out``'s dtype; ``ref_fp32`` is the fp32 (or fp64) truth.
+    ``ref_lowp=None`` (two computations that should agree, no low-precision baseline): the floor alone.
     """
-    out, ref_fp32, ref_lowp = out.detach(), ref_fp32.detach(), ref_lowp.detach()
+    out, ref_fp32 = out.detach(), ref_fp32.detach()
     assert out.shape == ref_fp32.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref_fp32.shape)}"
     floor = FLOOR[out.dtype] if floor is None else floor
     diff = (out.double() - ref_fp32.double()).abs()
-    base = (ref_lowp.double() - ref_fp32.double()).abs().max().item() if ref_fp32.numel() else 0.0
+    base = 0.0
+    if ref_lowp is not None and ref_fp32.numel():
+        base = (ref_lowp.detach().double() - ref_fp32.double()).abs().max().item()
     err = diff.max().item() if diff.numel() else 0.0
     assert not torch.isnan(out).any(), f"{name}: output has NaN"
     assert err <= 2 * base + floor, (

@@ -6,7 +6,7 @@ backend (and on every backend on a GPU).
 
 import pytest
 import torch
-from conftest import HAS_CUDA, assert_close_to_ref, device_for, ext_has, skip_if_unsupported
+from conftest import HAS_CUDA, assert_close_to_ref, require
 
 from dera_fast import backends
 from dera_fast.ops import attention, attention_ref
@@ -32,11 +32,8 @@ LONG_SHAPES = [  # too slow for the Triton interpreter; torch backend on CPU, ev
 
 
 def _device(backend, dtype=torch.float32, d=64):
-    """The device to test ``backend`` on, skipping what it cannot run."""
-    device = device_for(backend)
-    skip_if_unsupported(backend, dtype, device)
-    if backend == "cuda" and not ext_has("attention_fwd", device):
-        pytest.skip(f"the extension has no attention kernels for {device}")
+    """The device to test ``backend`` on (``require``), also skipping head dims its kernels lack."""
+    device = require(backend, "attention", dtype=dtype)
     if backend == "cuda" and d not in CUDA_HEAD_DIMS:
         pytest.skip(f"CUDA kernels cover head dims {CUDA_HEAD_DIMS}")
     return device
@@ -107,12 +104,13 @@ def test_varlen_equals_separate_calls(backend, dtype, causal):
             dparts.append(_grads(o, (q, k, v), dout[:, :, a:e]))
     sep = torch.cat(parts, dim=2)
     sep_dx = [sum(g[i] for g in dparts) for i in range(3)]
-    torch.testing.assert_close(out, sep, atol=1e-5 if dtype == torch.float32 else 2e-3, rtol=1e-3)
-    for g, g_sep in zip(dx, sep_dx):
-        torch.testing.assert_close(g, g_sep, atol=1e-5 if dtype == torch.float32 else 2e-3, rtol=1e-3)
+    assert_close_to_ref("out: varlen vs separate calls", out, sep, None)
+    for name, g, g_sep in zip(("dq", "dk", "dv"), dx, sep_dx):
+        assert_close_to_ref(f"{name}: varlen vs separate calls", g, g_sep, None)
     _check_against_ref(out, dx, q, k, v, dout, causal=causal, cu_seqlens=cu)
     # max_seqlen=None reads it from cu_seqlens (a host sync) and gives the same result
-    torch.testing.assert_close(attention(q, k, v, causal=causal, cu_seqlens=cu, backend=backend), out)
+    assert_close_to_ref("max_seqlen=None", attention(q, k, v, causal=causal, cu_seqlens=cu, backend=backend), out,
+                        None)
 
 
 @pytest.mark.parametrize("rows", [slice(5, 30), (0, 7), slice(-3, None), slice(None, 1)],
@@ -124,7 +122,7 @@ def test_q_rows_equals_slicing(backend, causal, rows):
     full = attention(q, k, v, causal=causal, backend=backend)
     out = attention(q, k, v, causal=causal, q_rows=rows, backend=backend)
     sl = slice(*rows) if isinstance(rows, tuple) else rows
-    torch.testing.assert_close(out, full[:, :, sl], atol=1e-5, rtol=1e-4)
+    assert_close_to_ref("q_rows vs slicing", out, full[:, :, sl], None)
     dout = torch.randn_like(out)
     _check_against_ref(out, _grads(out, (q, k, v), dout), q, k, v, dout, rows=sl, causal=causal, q_offset=57 - 40)
 
@@ -168,10 +166,7 @@ def test_no_quadratic_buffer(backend):
 
 @pytest.fixture
 def triton_device():
-    device = device_for("triton")
-    if backends._why_not("triton", "attention", device, None) is not None:
-        pytest.skip("Triton unavailable")
-    return device
+    return require("triton", "attention")
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -181,8 +176,8 @@ def test_triton_split_kv_and_lse(triton_device, causal, splits):
     q, k, v = (t.detach() for t in _inputs(1, 2, 9, 200, 16, torch.float32, triton_device))
     out, lse = attention_fwd(q, k, v, None, None, 9, 200, 0.3, causal, 200 - 9 - 50, num_splits=splits)
     out_ref, lse_ref = attention_ref(q, k, v, scale=0.3, causal=causal, q_offset=200 - 9 - 50, return_lse=True)
-    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(lse, lse_ref, atol=1e-5, rtol=1e-4)
+    assert_close_to_ref("out", out, out_ref, None)
+    assert_close_to_ref("lse", lse, lse_ref, None)
 
 
 def _op_args(device, varlen):
@@ -200,8 +195,8 @@ def _fwd_bwd_ops(backend):
     device = _device(backend, d=32)
     if backend == "torch":
         pytest.skip("the torch backend is plain PyTorch (no custom op)")
-    ns = torch.ops.dera_fast_C if backend == "cuda" else torch.ops.dera_fast
-    suffix = "" if backend == "cuda" else "_triton"
+    ns = torch.ops.dera_fast_C if backend in ("cuda", "cpp") else torch.ops.dera_fast
+    suffix = "_triton" if backend == "triton" else ""
     return device, getattr(ns, "attention_fwd" + suffix), getattr(ns, "attention_bwd" + suffix)
 
 
@@ -213,8 +208,8 @@ def test_fwd_op_out_and_lse(backend, varlen):
     q, k, v, cu = args[0], args[1], args[2], args[3]
     out_ref, lse_ref = attention_ref(q, k, v, scale=args[7], causal=True, q_offset=args[9], cu_seqlens=cu,
                                      return_lse=True)
-    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(lse, lse_ref, atol=1e-5, rtol=1e-4)
+    assert_close_to_ref("out", out, out_ref, None)
+    assert_close_to_ref("lse", lse, lse_ref, None)
 
 
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
@@ -250,16 +245,16 @@ def test_torch_compile_fullgraph(backend, varlen):
     dx = torch.autograd.grad(out.sum(), (q, k, v))
     out_e = fn(q, k, v)
     dx_e = torch.autograd.grad(out_e.sum(), (q, k, v))
-    torch.testing.assert_close(out, out_e)
-    for a, b in zip(dx, dx_e):
-        torch.testing.assert_close(a, b)
+    assert_close_to_ref("compiled out", out, out_e, None)
+    for name, a, b in zip(("dq", "dk", "dv"), dx, dx_e):
+        assert_close_to_ref(f"compiled {name}", a, b, None)
 
 
 # ---- dispatch and bad input ----
 
 def test_head_dim_limits():
     q = torch.randn(1, 1, 8, 160)
-    torch.testing.assert_close(attention(q, q, q), attention_ref(q, q, q))  # auto falls back to torch
+    assert_close_to_ref("auto, D=160", attention(q, q, q), attention_ref(q, q, q), None)  # auto falls back to torch
     with pytest.raises(backends.BackendUnavailableError):
         attention(q, q, q, backend="triton")
 

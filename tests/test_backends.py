@@ -14,7 +14,7 @@ import dera_fast
 from dera_fast import backends
 from dera_fast.backends import BackendUnavailableError, pick, use_backend
 
-IMPLS = {"torch": lambda: "torch", "triton": lambda: "triton", "cuda": lambda: "cuda"}
+IMPLS = {"torch": lambda: "torch", "triton": lambda: "triton", "cuda": lambda: "cuda", "cpp": lambda: "cpp"}
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -41,17 +41,17 @@ def test_use_backend_nests_and_restores():
 
 def test_auto_prefers_extension_then_triton_then_torch():
     x = torch.zeros(1)
-    name, _ = pick("vq_nearest", IMPLS, x, ext_op="dera_fast_C::vq_nearest")
+    name, _ = pick("vq_nearest", IMPLS, x)
     if "cpu" in backends.EXT_OPS.get("dera_fast_C::vq_nearest", ()):
-        assert name == "cuda"  # the extension's C++ CPU kernel
-    # an op whose extension kernel does not exist for this device skips to the next backend; on CPU tensors
-    # that is torch: automatic selection never runs the Triton interpreter, even under TRITON_INTERPRET=1
-    name, _ = pick("op", IMPLS, x, ext_op="dera_fast_C::does_not_exist")
+        assert name == "cpp"  # the extension's C++ CPU kernel
+    # an op without an extension kernel for this device skips to the next backend; on CPU tensors that is torch:
+    # automatic selection never runs the Triton interpreter, even under TRITON_INTERPRET=1
+    name, _ = pick("vq_sample", IMPLS, x)
     assert name == "torch"
     if "triton" in backends.available("cpu"):
-        assert pick("op", IMPLS, x, "triton", ext_op="dera_fast_C::does_not_exist")[0] == "triton"
+        assert pick("vq_sample", IMPLS, x, "triton")[0] == "triton"
         with use_backend("triton"):
-            assert pick("op", IMPLS, x)[0] == "triton"
+            assert pick("vq_sample", IMPLS, x)[0] == "triton"
 
 
 def test_supports_predicate_skips_backend_in_auto_mode():
@@ -63,7 +63,7 @@ def test_supports_predicate_skips_backend_in_auto_mode():
 def test_explicit_missing_backend_raises_with_what_is_available():
     x = torch.zeros(1)
     with pytest.raises(BackendUnavailableError, match="Usable here"):
-        pick("op", IMPLS, x, "cuda", ext_op="dera_fast_C::does_not_exist")
+        pick("vq_sample", IMPLS, x, "cpp")  # no C++ CPU kernel for vq_sample
     with pytest.raises(BackendUnavailableError, match="has no 'triton' backend"):
         pick("op", {"torch": IMPLS["torch"]}, x, "triton")
     with pytest.raises(ValueError, match="backend"):
@@ -150,8 +150,8 @@ def _probe(site):
 @pytest.mark.skipif(not backends.HAS_EXT, reason="needs a built extension to tamper with")
 def test_stale_extension_warns_once_and_falls_back(tmp_path):
     pkg = _copy_package(tmp_path)
-    info = (pkg / "_build_info.py").read_text()
-    (pkg / "_build_info.py").write_text(info.replace(repr(torch.__version__), repr("1.13.0")))
+    info = (pkg / "_build_info.json").read_text()
+    (pkg / "_build_info.json").write_text(info.replace(json.dumps(torch.__version__), json.dumps("1.13.0")))
     lines = _probe(pkg.parent)
     assert lines[0] == "1" and "stale" in lines[1] and "pip install --no-build-isolation" in lines[1]
     assert lines[2:] == ["False", "4"]
@@ -174,3 +174,71 @@ def test_missing_extension_warns_once_and_falls_back(tmp_path):
     lines = _probe(pkg.parent)
     assert lines[0] == "1" and "rebuild" in lines[1].lower()
     assert lines[2:] == ["False", "4"]
+
+
+# ---- names: a backend name says what runs ----
+
+def test_names_say_what_runs():
+    assert backends.BACKENDS == ("cuda", "triton", "cpp", "torch")
+    assert "cuda" not in backends.available("cpu")  # the C++ CPU kernels are "cpp", never "cuda"
+    assert "cpp" not in backends.available("cuda")
+    if backends.EXT_OPS.get("dera_fast_C::vq_nearest", frozenset()) & {"cpu"}:
+        assert "cpp" in backends.available("cpu")
+    assert backends.why_unavailable("torch", "attention", "cpu") is None
+    assert "CUDA kernels" in backends.why_unavailable("cuda", "vq_nearest", "cpu")
+    assert "C++ CPU kernels" in backends.why_unavailable("cpp", "vq_nearest", "cuda")
+    if backends.HAS_EXT:
+        assert "no cpu kernel for attention" in backends.why_unavailable("cpp", "attention", "cpu")
+    with pytest.raises(ValueError, match="backend"):
+        backends.why_unavailable("gpu")
+
+
+def test_error_lists_only_backends_that_can_run():
+    import dera_fast.ops as ops
+
+    assert dera_fast.BackendUnavailableError is ops.BackendUnavailableError is BackendUnavailableError
+    z, cb = torch.randn(3, 300), torch.randn(4, 300)  # D = 300: beyond the Triton kernels' D <= 256
+    with pytest.raises(BackendUnavailableError) as err:
+        ops.vq_nearest(z, cb, backend="cuda")
+    usable = [b for b in backends.BACKENDS if f"'{b}'" in str(err.value).split("Usable here:")[1]]
+    expect = ["cpp", "torch"] if backends.why_unavailable("cpp", "vq_nearest", "cpu") is None else ["torch"]
+    assert usable == expect, str(err.value)
+    with pytest.raises(BackendUnavailableError, match=r"Usable here: \['torch'\]"):
+        ops.vq_sample(torch.randn(3, 300), torch.randn(4, 300), temperature=0.1, backend="cpp")
+
+
+def test_auto_rules_decide_per_shape_class(monkeypatch):
+    if backends.why_unavailable("cpp", "vq_nearest", "cpu") is not None:
+        pytest.skip("needs the C++ CPU vq_nearest kernel")
+    x = torch.zeros(1)
+    assert pick("vq_nearest", IMPLS, x, shape={"N": 10, "K": 10, "D": 16})[0] == "cpp"
+    monkeypatch.setitem(backends.AUTO_RULES["cpu"], "vq_nearest", {"cpp": lambda N, K, D: D < 64})
+    assert pick("vq_nearest", IMPLS, x, shape={"N": 10, "K": 10, "D": 16})[0] == "cpp"
+    assert pick("vq_nearest", IMPLS, x, shape={"N": 10, "K": 10, "D": 256})[0] == "torch"
+    assert pick("vq_nearest", IMPLS, x, "cpp", shape={"N": 10, "K": 10, "D": 256})[0] == "cpp"  # explicit wins
+    monkeypatch.setitem(backends.AUTO_RULES["cpu"], "vq_nearest", {})
+    assert pick("vq_nearest", IMPLS, x)[0] == "torch"  # no measured rule: never picked automatically
+
+
+_BROKEN_TRITON = "raise ImportError('libcuda.so.1: cannot open shared object file')\n"
+
+
+def test_broken_triton_is_reported(tmp_path):
+    """Triton installed but failing to import: `info` and the error say so; nothing crashes."""
+    fake = tmp_path / "triton"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(_BROKEN_TRITON)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-m", "dera_fast", "info"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "BROKEN" in out.stdout and "libcuda.so.1" in out.stdout
+    code = ("import torch\nfrom dera_fast.ops import vq_nearest\n"
+            "print(vq_nearest(torch.randn(3, 4), torch.randn(5, 4)).shape[0])\n"
+            "try:\n    vq_nearest(torch.randn(3, 4), torch.randn(5, 4), backend='triton')\n"
+            "except Exception as e:\n    print(type(e).__name__, e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.splitlines()[:2]
+    assert first == "3"
+    assert second.startswith("BackendUnavailableError") and "fails to import" in second and "libcuda" in second

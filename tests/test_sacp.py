@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from conftest import device_for, ext_has
+from conftest import require
 from dera_fast import backends
 from dera_fast.ops import gradient_gram, sacp_project
 from dera_fast.ops.sacp import gradient_gram_foreach, gradient_gram_ref, sacp_coefficients, sacp_project_ref
@@ -17,11 +17,9 @@ from dera_fast.sacp import SACP, sacp_weights
 _SHAPES = [(1,), (3,), (7, 5), (65537,), (2, 3, 11), (127,), (1, 1), (13, 17)]
 
 
-def _skip(backend, dtypes):
-    if backend == "cuda" and not ext_has("gradient_gram", device_for("cuda")):
-        pytest.skip("the extension has no gradient_gram kernel for this device")
-    if backend == "triton" and device_for("triton") == "cpu" and torch.bfloat16 in dtypes:
-        pytest.skip("bf16 Triton runs on the GPU only")
+def _bf16_or_none(*dtypes):
+    """The dtype ``require`` must know about (bf16 does not run on the Triton interpreter)."""
+    return torch.bfloat16 if torch.bfloat16 in dtypes else None
 
 
 def _grad_lists(n, dtype_a, dtype_b, device, seed=0, none_every=5):
@@ -60,9 +58,9 @@ def _groups(kind, n):
 @pytest.mark.parametrize("grouping", GROUPINGS)
 @pytest.mark.parametrize("dtype_a, dtype_b", DTYPES)
 def test_gradient_gram_matches_fp64_loop(backend, grouping, dtype_a, dtype_b):
-    _skip(backend, (dtype_a, dtype_b))
+    dev = require(backend, "gradient_gram", dtype=_bf16_or_none(dtype_a, dtype_b))
     n = 120
-    a, b = _grad_lists(n, dtype_a, dtype_b, device_for(backend))
+    a, b = _grad_lists(n, dtype_a, dtype_b, dev)
     groups = _groups(grouping, n)
     gids = groups or [0] * n
     out = gradient_gram(a, b, groups=groups, backend=backend)
@@ -78,8 +76,7 @@ def test_gradient_gram_matches_fp64_loop(backend, grouping, dtype_a, dtype_b):
 
 
 def test_gradient_gram_deterministic(backend):
-    _skip(backend, ())
-    a, b = _grad_lists(40, torch.float32, torch.float32, device_for(backend))
+    a, b = _grad_lists(40, torch.float32, torch.float32, require(backend, "gradient_gram"))
     first = gradient_gram(a, b, groups=list(range(40)), backend=backend)
     assert torch.equal(first, gradient_gram(a, b, groups=list(range(40)), backend=backend))
 
@@ -87,9 +84,8 @@ def test_gradient_gram_deterministic(backend):
 @pytest.mark.parametrize("accumulate", [False, True], ids=["write", "accumulate"])
 @pytest.mark.parametrize("dtype_a, dtype_b", DTYPES)
 def test_sacp_project_matches_ref(backend, dtype_a, dtype_b, accumulate):
-    _skip(backend, (dtype_a, dtype_b))
+    dev = require(backend, "sacp_project", dtype=_bf16_or_none(dtype_a, dtype_b))
     n = 60
-    dev = device_for(backend)
     a, b = _grad_lists(n, dtype_a, dtype_b, dev, seed=1)
     a[9] = b[9] = None  # both None: never allocated, returned as None / zeroed in out
     groups = _groups("block", n)
@@ -109,8 +105,7 @@ def test_sacp_project_matches_ref(backend, dtype_a, dtype_b, accumulate):
 
 
 def test_sacp_project_out_both_none_zeroed(backend):
-    _skip(backend, ())
-    dev = device_for(backend)
+    dev = require(backend, "sacp_project")
     a, b = [torch.randn(4, device=dev), None], [torch.randn(4, device=dev), None]
     dst = torch.ones(3, device=dev)
     res = sacp_project(a, b, out=[None, dst], backend=backend)
@@ -118,8 +113,7 @@ def test_sacp_project_out_both_none_zeroed(backend):
 
 
 def test_sacp_project_no_conflict_is_sum(backend):
-    _skip(backend, ())
-    dev = device_for(backend)
+    dev = require(backend, "sacp_project")
     a = [torch.rand(5, device=dev), torch.rand(3, 2, device=dev)]
     b = [torch.rand(5, device=dev), torch.rand(3, 2, device=dev)]  # all positive: s > 0
     for o, x, y in zip(sacp_project(a, b, backend=backend), a, b):
@@ -193,8 +187,7 @@ def test_property_lambda_ordering_and_global_scale(seed, n, la, lm):
 
 @pytest.mark.parametrize("scale", [0.0, 1e-10, 1e-5, 1.0, 1e5, 1e10], ids=lambda s: f"scale{s:g}")
 def test_scales_give_no_nan(backend, scale):
-    _skip(backend, ())
-    dev = device_for(backend)
+    dev = require(backend, "sacp_project")
     a, b = _random_set(3, 6, scale, dtype=torch.float32)
     a, b = [x.to(dev) for x in a], [y.to(dev) for y in b]
     gram = gradient_gram(a, b, backend=backend)
@@ -241,9 +234,7 @@ def _opcheck_args(device):
 
 
 def test_opcheck_triton_ops():
-    if backends._why_not("triton", "", device_for("triton"), None) is not None:
-        pytest.skip("triton unavailable")
-    a, b, groups = _opcheck_args(device_for("triton"))
+    a, b, groups = _opcheck_args(require("triton", "sacp_project"))
     torch.library.opcheck(torch.ops.dera_fast.gradient_gram_triton.default, (a, b, groups, 2))
     out = [torch.empty_like(b[i]) for i in range(3)]
     w = torch.tensor([[1.0, 1.5], [2.0, 1.0]], device=a[0].device)
@@ -251,9 +242,7 @@ def test_opcheck_triton_ops():
 
 
 def test_opcheck_extension_ops():
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if not ext_has("gradient_gram", dev):
-        pytest.skip(f"the extension has no gradient_gram kernel for {dev}")
+    dev = require("cuda" if torch.cuda.is_available() else "cpp", "sacp_project")
     a, b, groups = _opcheck_args(dev)
     torch.library.opcheck(torch.ops.dera_fast_C.gradient_gram.default, (a, b, groups, 2))
     out = [torch.empty_like(b[i]) for i in range(3)]
@@ -263,9 +252,7 @@ def test_opcheck_extension_ops():
 
 @pytest.mark.parametrize("backend_name", ["torch", "triton"])
 def test_compile_fullgraph(backend_name):
-    if backends._why_not(backend_name, "", device_for(backend_name), None) is not None:
-        pytest.skip(f"{backend_name} unavailable")
-    dev = device_for(backend_name)
+    dev = require(backend_name, "sacp_project")
     a = [torch.randn(5, device=dev), torch.randn(2, 3, device=dev)]
     b = [-torch.randn(5, device=dev), None]
 
@@ -284,8 +271,7 @@ def test_compile_fullgraph(backend_name):
 @pytest.mark.parametrize("backend_name", ["triton", "cuda"])
 def test_gpu_no_host_sync_and_cuda_graph(backend_name):
     """After one warm-up call (JIT, table cache) a call makes zero host syncs and replays from a CUDA graph."""
-    if backend_name == "cuda" and not ext_has("gradient_gram", "cuda"):
-        pytest.skip("the extension has no CUDA gradient_gram kernel")
+    require(backend_name, "sacp_project")
     a, b = _grad_lists(30, torch.float32, torch.float32, "cuda")
     out = [torch.empty_like(x if x is not None else y) for x, y in zip(a, b)]
     groups = [i // 4 for i in range(30)]

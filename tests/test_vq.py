@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_close_to_ref, device_for, ext_has, skip_if_unsupported
+from conftest import assert_close_to_ref, require
 from dera_fast import backends
 from dera_fast.ops import codebook_cross_entropy, vq_nearest, vq_sample, vq as vq_mod
 
@@ -23,16 +23,6 @@ SHAPES = [
 ]
 
 
-def _skip_heavy(backend, device, heavy):
-    if heavy and backend == "triton" and device == "cpu":
-        pytest.skip("too slow for the Triton interpreter; runs on the GPU")
-
-
-def _usable(backend, op, device):
-    if backend == "cuda" and not ext_has(op, device):
-        pytest.skip(f"the extension has no {device} kernel for {op}")
-
-
 def _scores64(z, cb, metric):
     """fp64 score of every (row, code) pair: lower is nearer."""
     z64, c64 = z.double(), cb.double()
@@ -46,10 +36,7 @@ def _scores64(z, cb, metric):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N, K, D, heavy", SHAPES)
 def test_vq_nearest_matches_reference(backend, N, K, D, heavy, dtype, metric):
-    device = device_for(backend)
-    _skip_heavy(backend, device, heavy)
-    skip_if_unsupported(backend, dtype, device)
-    _usable(backend, "vq_nearest", device)
+    device = require(backend, "vq_nearest", dtype=dtype, heavy=heavy)
     z = torch.randn(N, D, device=device).to(dtype)
     cb = torch.randn(K, D, device=device).to(dtype)
     idx = vq_nearest(z, cb, metric=metric, backend=backend)
@@ -73,8 +60,7 @@ def test_vq_nearest_reference_is_exact_argmin():
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 def test_vq_nearest_first_index_on_ties(backend, metric):
-    device = device_for(backend)
-    _usable(backend, "vq_nearest", device)
+    device = require(backend, "vq_nearest")
     cb = torch.randn(300, 16, device=device)
     for dup in (7, 150, 299):  # duplicates in the same tile and in later tiles
         cb[dup] = cb[3]
@@ -84,8 +70,7 @@ def test_vq_nearest_first_index_on_ties(backend, metric):
 
 
 def test_vq_nearest_batch_invariant(backend):
-    device = device_for(backend)
-    _usable(backend, "vq_nearest", device)
+    device = require(backend, "vq_nearest")
     z, cb = torch.randn(600, 16, device=device), torch.randn(1031, 16, device=device)
     full = vq_nearest(z, cb, backend=backend)
     for rows in (slice(0, 1), slice(5, 22), slice(100, 357)):
@@ -107,9 +92,7 @@ def _chi_square_pvalue(counts, probs):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_vq_sample_distribution(backend, dtype):
-    device = device_for(backend)
-    skip_if_unsupported(backend, dtype, device)
-    _usable(backend, "vq_sample", device)
+    device = require(backend, "vq_sample", dtype=dtype)
     K, D, tau, n = 37, 16, 0.2, 20000
     cb = torch.randn(K, D, device=device)
     z = torch.randn(1, D, device=device).to(dtype).expand(n, D).contiguous()
@@ -121,8 +104,7 @@ def test_vq_sample_distribution(backend, dtype):
 
 
 def test_vq_sample_reproducible_and_backends_agree(backend):
-    device = device_for(backend)
-    _usable(backend, "vq_sample", device)
+    device = require(backend, "vq_sample")
     z, cb = torch.randn(500, 16, device=device), torch.randn(300, 16, device=device)
 
     def draw(be):
@@ -136,8 +118,7 @@ def test_vq_sample_reproducible_and_backends_agree(backend):
 
 
 def test_vq_sample_low_temperature_is_argmax(backend):
-    device = device_for(backend)
-    _usable(backend, "vq_sample", device)
+    device = require(backend, "vq_sample")
     z, cb = torch.randn(100, 16, device=device), torch.randn(64, 16, device=device)
     ids = vq_sample(z, cb, temperature=1e-4, generator=torch.Generator(device=device).manual_seed(0),
                     backend=backend)
@@ -158,9 +139,7 @@ def _ce_ref_lowp(h, cb, t, temperature):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N, K, D", CE_SHAPES)
 def test_codebook_cross_entropy_matches_reference(backend, N, K, D, dtype):
-    device = device_for(backend)
-    skip_if_unsupported(backend, dtype, device)
-    _usable(backend, "codebook_ce_fwd", device)
+    device = require(backend, "codebook_cross_entropy", dtype=dtype)
     h = torch.randn(N, D, device=device).to(dtype)
     cb = torch.randn(K, D, device=device).to(dtype)
     t = torch.randint(0, K, (N,), device=device)
@@ -214,9 +193,9 @@ def _opcheck_cases(backend, device):
         return [(ops.vq_nearest_triton, (z, cb, bias)), (ops.vq_sample_triton, (z, cbn, u, 20.0)),
                 (ops.codebook_ce_triton, (hn, cbg, t, 2.0))]
     ops, cases = torch.ops.dera_fast_C, []
-    for name, args in (("vq_nearest", (z, cb, bias)), ("vq_sample", (z, cbn, u, 20.0)),
-                       ("codebook_ce_fwd", (hn, cbg, t, 2.0))):
-        if ext_has(name, device):
+    for op, name, args in (("vq_nearest", "vq_nearest", (z, cb, bias)), ("vq_sample", "vq_sample", (z, cbn, u, 20.0)),
+                           ("codebook_cross_entropy", "codebook_ce_fwd", (hn, cbg, t, 2.0))):
+        if backends.why_unavailable(backend, op, device) is None:
             cases.append((getattr(ops, name), args))
     return cases
 
@@ -224,7 +203,7 @@ def _opcheck_cases(backend, device):
 def test_opcheck(backend):
     if backend == "torch":
         pytest.skip("the torch backend is plain PyTorch, not a custom op")
-    device = device_for(backend)
+    device = require(backend)
     cases = _opcheck_cases(backend, device)
     if not cases:
         pytest.skip(f"no {backend} custom ops on {device}")
@@ -233,8 +212,7 @@ def test_opcheck(backend):
 
 
 def test_compile_fullgraph(backend):
-    device = device_for(backend)
-    _usable(backend, "vq_nearest", device)
+    device = require(backend, "vq_nearest")
     torch._dynamo.reset()
     z, cb = torch.randn(40, 16, device=device), torch.randn(90, 16, device=device)
     t = torch.randint(0, 90, (40,), device=device)
@@ -243,10 +221,10 @@ def test_compile_fullgraph(backend):
         return vq_nearest(z, cb, metric="cosine", backend=backend)
 
     assert torch.equal(torch.compile(f, fullgraph=True)(z, cb), f(z, cb))
-    if backend != "cuda" or ext_has("codebook_ce_fwd", device):
+    if backends.why_unavailable(backend, "codebook_cross_entropy", device) is None:
         ce = lambda h, c: codebook_cross_entropy(h, c, t, temperature=0.5, backend=backend)  # noqa: E731
         torch.testing.assert_close(torch.compile(ce, fullgraph=True)(z, cb), ce(z, cb))
-    if backend != "cuda" or ext_has("vq_sample", device):
+    if backends.why_unavailable(backend, "vq_sample", device) is None:
         # fullgraph with a generator argument: draw uniforms inside the graph from the global RNG
         smp = lambda a, b: vq_sample(a, b, temperature=0.1, backend=backend)  # noqa: E731
         ids = torch.compile(smp, fullgraph=True)(z, cb)
@@ -311,7 +289,19 @@ def test_value_checks_can_be_disabled():
     z[0, 0] = float("nan")
     with value_checks(False):
         vq_nearest(z, cb, backend="torch")  # no sync-costing check, no error
+        with value_checks(True):  # blocks nest
+            with pytest.raises(ValueError):
+                vq_nearest(z, cb, backend="torch")
+        vq_nearest(z, cb, backend="torch")
     with pytest.raises(ValueError):
+        vq_nearest(z, cb, backend="torch")
+    # a plain call (as the README writes it) switches the checks until the next call
+    try:
+        value_checks(False)
+        vq_nearest(z, cb, backend="torch")
+    finally:
+        value_checks(True)
+    with pytest.raises(ValueError, match="vq_nearest: z contains NaN"):
         vq_nearest(z, cb, backend="torch")
 
 
@@ -322,3 +312,39 @@ def test_triton_shape_limit_falls_back_in_auto_and_raises_when_explicit():
     assert vq_nearest(z, cb).shape == (3,)  # auto: C++ or torch
     with pytest.raises(backends.BackendUnavailableError, match="supports"):
         vq_nearest(z, cb, backend="triton")
+
+
+_ISA_PROBE = """
+import torch, torch.nn.functional as F
+from dera_fast.ops import vq_nearest
+torch.manual_seed(0)
+bad = 0
+for N, K, D in [(1, 1, 8), (257, 1031, 33), (100, 70, 256), (37, 5, 3), (1000, 513, 16)]:
+    z, cb = torch.randn(N, D), torch.randn(K, D)
+    cb[K // 2] = cb[0]  # a duplicate code: the first index must win
+    z[0] = cb[0]
+    for metric in ("l2", "cosine"):
+        got, ref = vq_nearest(z, cb, metric=metric, backend="cpp"), vq_nearest(z, cb, metric=metric, backend="torch")
+        s = torch.cdist(z.double(), cb.double()) ** 2 if metric == "l2" else -(F.normalize(z.double(), dim=1)
+                                                                               @ F.normalize(cb.double(), dim=1).t())
+        tol = 1e-5 * (1 + s.abs().max().item())
+        bad += int((s.gather(1, got[:, None]) > s.gather(1, ref[:, None]) + tol).sum()) + int(got[0] != 0)
+        if N > 1:
+            bad += int(not torch.equal(vq_nearest(z[1:].clone(), cb, metric=metric, backend="cpp"), got[1:]))
+print("bad", bad)
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_vq_nearest_cpp_isa_variants(isa):
+    """The AVX2 and portable variants of the C++ kernel (this machine runs AVX-512 by default) against the
+    reference: nearest up to fp32 rounding, first index on an exact duplicate, batch invariance."""
+    import os
+    import subprocess
+    import sys
+
+    require("cpp", "vq_nearest")
+    env = {**os.environ, "DERA_FAST_CPU_ISA": isa, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", _ISA_PROBE], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["bad", "0"], out.stdout

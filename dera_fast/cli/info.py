@@ -1,4 +1,4 @@
-"""``dera_fast info``: versions, build info, backends and GPU."""
+"""``dera_fast info``: versions, build info, backends (and why the others cannot run) and GPU."""
 from __future__ import annotations
 
 import json
@@ -18,13 +18,18 @@ def run(args) -> int:
         print(json.dumps(info, indent=2, default=str))
         return 0
     build = info["build"] or {}
+    if info["triton"] is None:
+        triton = "not installed"
+    elif info["triton_usable"]:
+        triton = info["triton"] + (" (TRITON_INTERPRET=1)" if info["triton_interpret"] else "")
+    else:
+        triton = f"BROKEN: {info['triton_error']}"
     rows = [
         ("dera_fast", f"{info['dera_fast']} (git {build.get('git_sha', '?')})"),
         ("python", info["python"]),
         ("torch", f"{info['torch']} (CUDA {info['torch_cuda'] or 'none'})"),
         ("GPU", f"{info['gpu']} (sm_{(info['gpu_capability'] or '').replace('.', '')})" if info["gpu"] else "none"),
-        ("triton", f"{info['triton'] or 'not installed'}"
-                   + (" (TRITON_INTERPRET=1)" if info["triton_interpret"] else "")),
+        ("triton", triton),
         ("extension", "loaded" if info["extension_loaded"] else f"not loaded: {info['extension_error']}"),
         ("  built", f"{build.get('ext_kind', '?')} for torch {build.get('torch_version')} "
                     f"(CUDA {build.get('torch_cuda') or 'none'}, arch {build.get('cuda_arch_list') or '-'}) "
@@ -32,6 +37,8 @@ def run(args) -> int:
         ("  ops", ", ".join(f"{k}[{'/'.join(v)}]" for k, v in info["extension_ops"].items()) or "none"),
         ("backends (cpu)", ", ".join(info["backends_cpu"])),
         ("backends (cuda)", ", ".join(info["backends_cuda"]) or "no CUDA device"),
+        *[(f"  not on {dev}", f"{name}: {why}") for dev, reasons in info["unavailable"].items()
+          for name, why in reasons.items()],
         ("DERA_FAST_BACKEND", info["env_backend"]),
     ]
     width = max(len(k) for k, _ in rows)

@@ -76,12 +76,9 @@ def git_sha() -> str:
             return sha + ("-dirty" if dirty else "")
         except (OSError, subprocess.CalledProcessError):
             pass
-    try:
-        from dera_fast._build_info import BUILD_INFO
+    from dera_fast._ext import BUILD_INFO  # the build record setup.py writes next to the extension
 
-        return f"{BUILD_INFO['git_sha']} (build)"
-    except ImportError:
-        return "unknown"
+    return f"{BUILD_INFO['git_sha']} (build)" if BUILD_INFO else "unknown"
 
 
 def provenance(info, batch_size: int) -> dict:

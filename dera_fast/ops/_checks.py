@@ -1,4 +1,5 @@
-"""Input validation shared by every op: clear ValueError/TypeError messages that name the argument.
+"""Input validation shared by every op: clear ValueError/TypeError messages that name the public function and
+the argument (``vq_sample: temperature must be ...``).
 
 Shape, dtype and device checks are free (metadata only) and always run. Checks on tensor *values* (NaN/inf,
 index ranges) need a reduction and, on a GPU, a device-to-host sync; they run in eager mode by default, are skipped
@@ -7,77 +8,104 @@ while ``torch.compile`` traces or a CUDA graph is being captured, and can be swi
 """
 from __future__ import annotations
 
-import contextlib
 import os
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_value_checks = [os.environ.get("DERA_FAST_VALUE_CHECKS", "1") != "0"]
+INV_LIMIT = 2.0 ** 126  # largest accepted 1/temperature (check_inverse_finite)
+_state = {"value_checks": os.environ.get("DERA_FAST_VALUE_CHECKS", "1") != "0"}
 
 
-@contextlib.contextmanager
-def value_checks(enabled: bool) -> Iterator[None]:
-    """Turn the data-dependent input checks (NaN, index range) on or off inside the block."""
-    _value_checks.append(bool(enabled))
-    try:
-        yield
-    finally:
-        _value_checks.pop()
+class value_checks:
+    """Turn the data-dependent input checks (NaN, index range) on or off.
+
+    ``value_checks(False)`` switches them off from here on; ``with value_checks(False): ...`` only inside the block
+    (the setting in force before is restored on exit, so blocks nest).
+    """
+
+    def __init__(self, enabled: bool):
+        self._before = _state["value_checks"]
+        _state["value_checks"] = bool(enabled)
+
+    def __enter__(self) -> "value_checks":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _state["value_checks"] = self._before
 
 
 def values_checked(x: torch.Tensor) -> bool:
     """Whether data-dependent checks should run now for tensors like ``x``."""
-    if not _value_checks[-1] or torch.compiler.is_compiling():
+    if not _state["value_checks"] or torch.compiler.is_compiling():
         return False
     return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
+def _where(op: str | None) -> str:
+    return f"{op}: " if op else ""
+
+
 def check_tensor(name: str, x, *, ndim: int | Iterable[int] | None = None,
-                 dtypes: Iterable[torch.dtype] | None = FLOAT_DTYPES, allow_empty: bool = False) -> None:
+                 dtypes: Iterable[torch.dtype] | None = FLOAT_DTYPES, allow_empty: bool = False,
+                 op: str | None = None) -> None:
     """Raise TypeError/ValueError unless ``x`` is a tensor of the given rank and dtype."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{_where(op)}{name} must be a torch.Tensor, got {type(x).__name__}")
     if ndim is not None:
         ndims = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if x.dim() not in ndims:
             want = " or ".join(f"{d}-D" for d in ndims)
-            raise ValueError(f"{name} must be {want}, got shape {tuple(x.shape)}")
+            raise ValueError(f"{_where(op)}{name} must be {want}, got shape {tuple(x.shape)}")
     if dtypes is not None:
         dtypes = tuple(dtypes)
         if x.dtype not in dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-            raise TypeError(f"{name} must have dtype in ({names}), got {str(x.dtype).replace('torch.', '')}")
+            raise TypeError(f"{_where(op)}{name} must have dtype in ({names}), "
+                            f"got {str(x.dtype).replace('torch.', '')}")
     if not allow_empty and x.numel() == 0:
-        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
+        raise ValueError(f"{_where(op)}{name} must not be empty, got shape {tuple(x.shape)}")
 
 
-def check_same_device(**tensors: torch.Tensor) -> None:
+def check_same_device(*, op: str | None = None, **tensors: torch.Tensor) -> None:
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:
         desc = ", ".join(f"{n} on {d}" for n, d in devices.items())
-        raise ValueError(f"tensors must be on one device, got {desc}")
+        raise ValueError(f"{_where(op)}tensors must be on one device, got {desc}")
 
 
-def check_finite(name: str, x: torch.Tensor) -> None:
+def check_finite(name: str, x: torch.Tensor, *, op: str | None = None) -> None:
     """Raise ValueError if ``x`` holds NaN or inf (only when value checks are on)."""
     if values_checked(x) and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or inf")
+        raise ValueError(f"{_where(op)}{name} contains NaN or inf")
 
 
-def check_index_range(name: str, idx: torch.Tensor, high: int) -> None:
+def check_index_range(name: str, idx: torch.Tensor, high: int, *, op: str | None = None) -> None:
     """Raise ValueError unless every entry of ``idx`` is in [0, high) (only when value checks are on)."""
     if values_checked(idx) and idx.numel() and not bool(((idx >= 0) & (idx < high)).all()):
         bad = idx[(idx < 0) | (idx >= high)][0].item()
-        raise ValueError(f"{name} must hold indices in [0, {high}), found {bad}")
+        raise ValueError(f"{_where(op)}{name} must hold indices in [0, {high}), found {bad}")
 
 
-def check_positive(name: str, value) -> float:
+def check_positive(name: str, value, *, op: str | None = None) -> float:
     """Return ``value`` as a float, raising TypeError/ValueError unless it is a finite number > 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a positive float, got {type(value).__name__}")
+        raise TypeError(f"{_where(op)}{name} must be a positive float, got {type(value).__name__}")
     value = float(value)
     if not (value > 0 and value != float("inf")):
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        raise ValueError(f"{_where(op)}{name} must be a finite number > 0, got {value}")
     return value
+
+
+def check_inverse_finite(name: str, value, *, op: str | None = None) -> float:
+    """Return 1 / ``value`` after checking that ``value`` is a finite number > 0 whose inverse stays finite in the
+    fp32 arithmetic of the kernels: 1/T <= 2**126 (T >= 2**-126 ~ 1.18e-38, the smallest normal fp32). NOTE: 1/T
+    alone fits fp32 up to ~3.4e38, but the logits are also formed in base 2 (x log2 e) and the loss is a difference
+    of two logits (x 2): the factor 4 of headroom keeps both finite."""
+    value = check_positive(name, value, op=op)
+    inv = 1.0 / value
+    if not inv <= INV_LIMIT:
+        raise ValueError(f"{_where(op)}{name}={value:g} is too small: 1/{name} = {inv:.3g} would overflow the fp32 "
+                         f"logits (need {name} >= {1 / INV_LIMIT:.3g}, i.e. 1/{name} <= 2**126)")
+    return inv

@@ -17,6 +17,8 @@ from torch import Tensor
 from dera_fast import backends
 from dera_fast.ops._checks import check_positive, check_same_device, check_tensor, values_checked
 
+_OP = "attention"
+
 CUDA_HEAD_DIMS = (32, 64, 96, 128)  # head dims the CUDA C++ kernels are instantiated for
 TRITON_MAX_HEAD_DIM = 128  # the Triton kernels pad D to a power of two >= 16 with masks
 
@@ -27,12 +29,18 @@ def _visible(q_pos: Tensor, k_pos: Tensor, causal: bool, q_offset: int) -> Tenso
     return k_pos[None, :] <= q_pos[:, None] + q_offset
 
 
-def _dense_ref(q, k, v, scale, causal, q_offset, return_lse):
-    """softmax(q k^T * scale + mask) v on [..., L, D] tensors; rows with no visible key give 0 (lse -inf)."""
+def _dense_ref(q, k, v, scale, causal, q_offset, return_lse, visible=None):
+    """softmax(q k^T * scale + mask) v on [..., L, D] tensors; rows with no visible key give 0 (lse -inf).
+
+    ``visible``: an explicit bool [Lq, Lk] mask instead of the (causal, q_offset) one.
+    """
     s = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, H, Lq, Lk]
-    dev = q.device
-    mask = _visible(torch.arange(q.shape[-2], device=dev), torch.arange(k.shape[-2], device=dev), causal, q_offset)
-    s = s.masked_fill(~mask, float("-inf"))
+    if visible is None:
+        dev = q.device
+        visible = _visible(torch.arange(q.shape[-2], device=dev), torch.arange(k.shape[-2], device=dev), causal,
+                           q_offset)
+    # NOTE: masked_fill, not an additive -inf: a NaN / inf score of a masked key must not reach the row
+    s = s.masked_fill(~visible, float("-inf"))
     # NOTE: subtract a finite row max (0 for fully masked rows) so exp never sees -inf - -inf = NaN.
     m = s.amax(dim=-1, keepdim=True).detach()
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -85,21 +93,56 @@ def _varlen_mask(cu_seqlens: Tensor, total: int, causal: bool) -> Tensor:
     return mask & (pos[None, :] <= pos[:, None]) if causal else mask
 
 
+def _varlen_by_runs(q, k, v, bounds: list[int], scale, causal):
+    """Varlen SDPA as one batched call per run of equal-length sequences: O(sum L_i^2) work where the dense
+    block-diagonal mask costs O(T^2) (DeRA packs 2B sequences of two lengths: two calls, ~B times less work)."""
+    lens = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    outs, i = [], 0
+    while i < len(lens):
+        j = i
+        while j < len(lens) and lens[j] == lens[i]:
+            j += 1
+        start, n, length = bounds[i], j - i, lens[i]
+        if length:
+            qkv = [t[0, :, start:start + n * length].unflatten(1, (n, length)).transpose(0, 1)  # [n, H, len, D]
+                   for t in (q, k, v)]
+            o = _sdpa(*qkv, scale, causal=causal)
+            outs.append(o.transpose(0, 1).flatten(1, 2)[None])  # [1, H, n * length, D]
+        i = j
+    return torch.cat(outs, dim=2) if outs else torch.empty_like(q)
+
+
+def _sdpa(q, k, v, scale, causal=False):
+    """SDPA (no mask, or square causal) with the reference's NaN semantics. NOTE: SDPA's fused kernels treat a row
+    whose scores are all NaN (a NaN query, or NaN in every visible key) like a fully masked row and return 0 there;
+    the reference (and every other backend) gives NaN. The repair is sync-free, one masked_fill over the rows that
+    see a NaN query or key, O(B*H*L*D) extra work."""
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    bad = q.isnan().any(-1)  # [B, H, Lq]
+    k_nan = k.isnan().any(-1)  # [B, H, Lk]
+    bad = bad | ((k_nan.cumsum(-1) > 0) if causal else k_nan.any(-1, keepdim=True))  # causal: a NaN key <= i
+    return out.masked_fill(bad[..., None], float("nan"))
+
+
+def _masked_ref(q, k, v, scale, visible):
+    """The reference with an explicit bool [Lq, Lk] mask (traceable), in fp32. NOTE: not SDPA with attn_mask: SDPA
+    adds the mask as -inf, so a NaN or +inf score of a masked key turns rows that cannot see it into NaN."""
+    dt = torch.promote_types(q.dtype, torch.float32)
+    return _dense_ref(q.to(dt), k.to(dt), v.to(dt), scale, False, 0, False, visible=visible).to(q.dtype)
+
+
 def _attention_torch(q, k, v, cu_seqlens, max_seqlen, scale, causal, q_offset):
-    """The "torch" backend: SDPA where it is exactly the reference (no fully masked row), else the reference."""
+    """The "torch" backend: SDPA where it is exactly the reference (no mask, or the square causal mask), else the
+    reference."""
     if cu_seqlens is not None:
-        # every row sees at least itself inside its own (non-empty) sequence, so no row is fully masked
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=_varlen_mask(cu_seqlens, q.shape[2], causal),
-                                              scale=scale)
-    if not causal or q_offset >= 0:
-        if not causal:
-            return F.scaled_dot_product_attention(q, k, v, scale=scale)
-        if q_offset == 0 and q.shape[2] == k.shape[2]:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-        dev = q.device
-        mask = _visible(torch.arange(q.shape[2], device=dev), torch.arange(k.shape[2], device=dev), True, q_offset)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return attention_ref(q, k, v, scale=scale, causal=causal, q_offset=q_offset, cu_seqlens=cu_seqlens)
+        if not torch.compiler.is_compiling():
+            return _varlen_by_runs(q, k, v, cu_seqlens.tolist(), scale, causal)
+        return _masked_ref(q, k, v, scale, _varlen_mask(cu_seqlens, q.shape[2], causal))
+    if not causal:
+        return _sdpa(q, k, v, scale)
+    if q_offset == 0 and q.shape[2] == k.shape[2]:
+        return _sdpa(q, k, v, scale, causal=True)
+    return attention_ref(q, k, v, scale=scale, causal=causal, q_offset=q_offset)
 
 
 # ---- Triton: forward and backward custom ops with the same contract as the C++ schema in csrc/ops.cpp ----
@@ -172,47 +215,51 @@ def _kernel_impl(fwd):
     return run
 
 
-_IMPLS = {
-    "torch": _attention_torch,
-    "triton": _kernel_impl(_attention_fwd_triton),
-    "cuda": _kernel_impl(lambda *a: torch.ops.dera_fast_C.attention_fwd(*a)),
-}
+def _ext_fwd(*args):
+    return torch.ops.dera_fast_C.attention_fwd(*args)
+
+
+# no "cpp": the extension has CUDA attention kernels only
+_IMPLS = {"torch": _attention_torch, "triton": _kernel_impl(_attention_fwd_triton), "cuda": _kernel_impl(_ext_fwd)}
 
 
 def _check_cu_seqlens(cu_seqlens, q, k, max_seqlen):
-    check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,))
-    check_same_device(q=q, cu_seqlens=cu_seqlens)
+    check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), op=_OP)
+    check_same_device(q=q, cu_seqlens=cu_seqlens, op=_OP)
     if cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must hold S+1 >= 2 offsets, got {cu_seqlens.numel()}")
+        raise ValueError(f"{_OP}: cu_seqlens must hold S+1 >= 2 offsets, got {cu_seqlens.numel()}")
     if q.shape[0] != 1:
-        raise ValueError(f"varlen mode (cu_seqlens) packs sequences as q [1, H, T, D], got batch {q.shape[0]}")
+        raise ValueError(f"{_OP}: varlen mode (cu_seqlens) packs sequences as q [1, H, T, D], got batch "
+                         f"{q.shape[0]}")
     if q.shape[2] != k.shape[2]:
-        raise ValueError(f"varlen mode uses the same cu_seqlens for q and k, so they need the same packed "
+        raise ValueError(f"{_OP}: varlen mode uses the same cu_seqlens for q and k, so they need the same packed "
                          f"length T, got {q.shape[2]} and {k.shape[2]}")
     if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int)
                                    or max_seqlen < 1):
-        raise ValueError(f"max_seqlen must be a positive int or None, got {max_seqlen!r}")
+        raise ValueError(f"{_OP}: max_seqlen must be a positive int or None, got {max_seqlen!r}")
     if values_checked(cu_seqlens):
         lens = cu_seqlens[1:] - cu_seqlens[:-1]
         if int(cu_seqlens[0]) != 0:
-            raise ValueError(f"cu_seqlens must start at 0, got {int(cu_seqlens[0])}")
+            raise ValueError(f"{_OP}: cu_seqlens must start at 0, got {int(cu_seqlens[0])}")
         if bool((lens < 0).any()):
-            raise ValueError("cu_seqlens must be non-decreasing")
+            raise ValueError(f"{_OP}: cu_seqlens must be non-decreasing")
         if int(cu_seqlens[-1]) != q.shape[2]:
-            raise ValueError(f"cu_seqlens[-1] must equal the packed length T={q.shape[2]}, "
+            raise ValueError(f"{_OP}: cu_seqlens[-1] must equal the packed length T={q.shape[2]}, "
                              f"got {int(cu_seqlens[-1])}")
         if max_seqlen is not None and int(lens.max()) > max_seqlen:
-            raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest sequence ({int(lens.max())})")
+            raise ValueError(f"{_OP}: max_seqlen={max_seqlen} is smaller than the longest sequence "
+                             f"({int(lens.max())})")
 
 
 def _row_range(q_rows, lq: int) -> tuple[int, int]:
     if isinstance(q_rows, tuple) and len(q_rows) == 2:
         q_rows = slice(*q_rows)
     if not isinstance(q_rows, slice):
-        raise TypeError(f"q_rows must be a slice or a (start, stop) tuple, got {type(q_rows).__name__}")
+        raise TypeError(f"{_OP}: q_rows must be a slice or a (start, stop) tuple, got {type(q_rows).__name__}")
     start, stop, step = q_rows.indices(lq)
     if step != 1 or stop <= start:
-        raise ValueError(f"q_rows must select a non-empty contiguous range of the {lq} query rows, got {q_rows}")
+        raise ValueError(f"{_OP}: q_rows must select a non-empty contiguous range of the {lq} query rows, "
+                         f"got {q_rows}")
     return start, stop
 
 
@@ -231,26 +278,28 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, ca
             sequences attend only within themselves (causal: per-sequence causal mask). Not combinable with q_rows.
         max_seqlen: longest sequence in varlen mode. If None it is read from cu_seqlens, which costs a
             device-to-host sync (and a graph break under torch.compile): pass it in hot loops.
-        backend: "torch", "triton", "cuda" or None (automatic; see dera_fast.backends).
+        backend: "torch", "triton", "cuda" or None (automatic; see dera_fast.backends). No C++ CPU kernel.
     Returns:
-        out: [B, H, Lq, D] ([B, H, stop - start, D] with q_rows), q's dtype.
+        out: [B, H, Lq, D] ([B, H, stop - start, D] with q_rows), q's dtype. NaN and inf in the inputs are not
+        rejected: they propagate to the rows that see them, as in :func:`attention_ref`.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, ndim=4)
-    check_same_device(q=q, k=k, v=v)
+        check_tensor(name, t, ndim=4, op=_OP)
+    check_same_device(q=q, k=k, v=v, op=_OP)
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise TypeError(f"{_OP}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     (b, h, lq, d), lk = q.shape, k.shape[2]
     for name, t in (("k", k), ("v", v)):
         if t.shape[0] != b or t.shape[1] != h or t.shape[3] != d:
-            raise ValueError(f"{name} must be [B={b}, H={h}, Lk, D={d}] like q, got {tuple(t.shape)}")
+            raise ValueError(f"{_OP}: {name} must be [B={b}, H={h}, Lk, D={d}] like q, got {tuple(t.shape)}")
     if v.shape[2] != lk:
-        raise ValueError(f"k and v must have the same length, got {lk} and {v.shape[2]}")
-    scale = d ** -0.5 if scale is None else check_positive("scale", scale)
+        raise ValueError(f"{_OP}: k and v must have the same length, got {lk} and {v.shape[2]}")
+    scale = d ** -0.5 if scale is None else check_positive("scale", scale, op=_OP)
     causal = bool(causal)
     if cu_seqlens is not None:
         if q_rows is not None:
-            raise ValueError("q_rows cannot be combined with cu_seqlens (slice each sequence's rows instead)")
+            raise ValueError(f"{_OP}: q_rows cannot be combined with cu_seqlens (slice each sequence's rows "
+                             "instead)")
         _check_cu_seqlens(cu_seqlens, q, k, max_seqlen)
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # host sync, documented above
@@ -261,7 +310,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, ca
         q_offset = start + (lk - lq)
         if (start, stop) != (0, lq):
             q = q[:, :, start:stop]  # [B, H, rows, D]
-    _, fn = backends.pick("attention", _IMPLS, q, backend, ext_op="dera_fast_C::attention_fwd",
+    # shape class for the automatic rules: the torch path needs an explicit Lq x Lk mask for varlen and for
+    # causal attention that is not the plain square case
+    masked = causal and (q_offset != 0 or q.shape[2] != lk)
+    _, fn = backends.pick(_OP, _IMPLS, q, backend, shape={"varlen": cu_seqlens is not None, "masked": masked},
                           supports={"cuda": lambda: d in CUDA_HEAD_DIMS,
                                     "triton": lambda: d <= TRITON_MAX_HEAD_DIM})
     return fn(q, k, v, cu_seqlens, max_seqlen, scale, causal, q_offset)

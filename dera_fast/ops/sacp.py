@@ -12,11 +12,12 @@ combine pass. Everything is branchless (``torch.where``), so nothing syncs the h
 
 Backends: ``torch`` = ``torch._foreach_*`` (a handful of launches, no flatten copy); ``triton`` and ``cuda`` =
 the multi-tensor kernels of ``kernels/sacp.py`` / ``csrc/sacp_kernels.cu`` (device-side tensor tables, chunked,
-ordered per-group reduction without atomics). ``gradient_gram_ref`` / ``sacp_project_ref`` are the per-tensor loop
-specs (fp64 when given fp64).
+ordered per-group reduction without atomics); ``cpp`` = the C++ CPU loop of ``csrc/sacp_cpu.cpp``.
+``gradient_gram_ref`` / ``sacp_project_ref`` are the per-tensor loop specs (fp64 when given fp64).
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional, Sequence
 
 import torch
@@ -198,54 +199,103 @@ if "dera_fast_C::gradient_gram" in backends.EXT_OPS:
     torch.library.register_fake("dera_fast_C::gradient_gram")(_fake_gram)
     torch.library.register_fake("dera_fast_C::sacp_combine_")(_fake_combine)
 
-_GRAM = {"torch": gradient_gram_foreach, "triton": _gram_triton,
-         "cuda": lambda *args: torch.ops.dera_fast_C.gradient_gram(*args)}
-_COMBINE = {"torch": _combine_foreach, "triton": _combine_triton,
-            "cuda": lambda *args: torch.ops.dera_fast_C.sacp_combine_(*args)}
+def _ext_gram(a, b, groups, num_groups):
+    return torch.ops.dera_fast_C.gradient_gram(a, b, groups, num_groups)
+
+
+def _ext_combine(out, a, b, groups, weights, accumulate):
+    torch.ops.dera_fast_C.sacp_combine_(out, a, b, groups, weights, accumulate)
+
+
+# "cuda" and "cpp" call the same schemas (the dispatcher routes by device)
+_GRAM = {"torch": gradient_gram_foreach, "triton": _gram_triton, "cuda": _ext_gram, "cpp": _ext_gram}
+_COMBINE = {"torch": _combine_foreach, "triton": _combine_triton, "cuda": _ext_combine, "cpp": _ext_combine}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------------------------
-def _check_lists(grads_a, grads_b, groups) -> tuple[list, list, list[int], int]:
+def _check_lists(grads_a, grads_b, groups, op: str) -> tuple[list, list, list[int], int]:
     """Validate; return (a, b, groups as a list, num_groups)."""
     for name, grads in (("grads_a", grads_a), ("grads_b", grads_b)):
         if isinstance(grads, Tensor) or not isinstance(grads, Sequence):
-            raise TypeError(f"{name} must be a list of tensors (or None), got {type(grads).__name__}")
+            raise TypeError(f"{op}: {name} must be a list of tensors (or None), got {type(grads).__name__}")
     a, b = list(grads_a), list(grads_b)
     if len(a) != len(b):
-        raise ValueError(f"grads_a and grads_b must have the same length, got {len(a)} and {len(b)}")
+        raise ValueError(f"{op}: grads_a and grads_b must have the same length, got {len(a)} and {len(b)}")
     device = None
     for i, (x, y) in enumerate(zip(a, b)):
         for name, t in ((f"grads_a[{i}]", x), (f"grads_b[{i}]", y)):
             if t is None:
                 continue
             if not isinstance(t, Tensor):
-                raise TypeError(f"{name} must be a tensor or None, got {type(t).__name__}")
+                raise TypeError(f"{op}: {name} must be a tensor or None, got {type(t).__name__}")
             if t.dtype not in _ALL_DTYPES:
-                raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+                raise TypeError(f"{op}: {name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
             if device is not None and t.device != device:
-                raise ValueError(f"{name} is on {t.device}, the other gradients on {device}")
+                raise ValueError(f"{op}: {name} is on {t.device}, the other gradients on {device}")
             device = t.device
         if x is not None and y is not None and x.shape != y.shape:
-            raise ValueError(f"grads_a[{i}] and grads_b[{i}] differ in shape: {tuple(x.shape)} vs {tuple(y.shape)}")
+            raise ValueError(f"{op}: grads_a[{i}] and grads_b[{i}] differ in shape: {tuple(x.shape)} vs "
+                             f"{tuple(y.shape)}")
     if groups is None:
         return a, b, [0] * len(a), 1
     if isinstance(groups, Tensor):
-        raise TypeError("groups must be a list of ints (host data, so that no device read is needed)")
-    groups = [int(g) for g in groups]
+        raise TypeError(f"{op}: groups must be a list of ints (host data, so that no device read is needed)")
+    try:
+        groups = [operator.index(g) for g in groups]
+    except TypeError:
+        raise TypeError(f"{op}: groups must be a list of ints, got {list(groups)[:8]!r}") from None
     if len(groups) != len(a):
-        raise ValueError(f"groups must have one id per gradient ({len(a)}), got {len(groups)}")
-    if groups and min(groups) < 0:
-        raise ValueError(f"groups must hold ids >= 0, found {min(groups)}")
+        raise ValueError(f"{op}: groups must have one id per gradient ({len(a)}), got {len(groups)}")
+    # NOTE: ids index a [G, 3] buffer, G = max id + 1: bounding them by the number of tensors bounds G
+    bad = [g for g in groups if not 0 <= g < len(a)]
+    if bad:
+        raise ValueError(f"{op}: groups must hold ids in [0, {len(a)}) (one id per gradient, at most one group "
+                         f"per gradient), found {bad[0]}")
     return a, b, groups, (max(groups) + 1) if groups else 1
 
 
-def _pick(a, b, backend, extra_ok: bool = True):
+def _check_out(out, a, b, accumulate: bool, op: str) -> list[Optional[Tensor]]:
+    """Validate every ``out`` entry against its gradients (before anything is written); allocate missing ones."""
+    if out is None:
+        out = [None] * len(a)
+    elif isinstance(out, Tensor) or not isinstance(out, Sequence):
+        raise TypeError(f"{op}: out must be a list of tensors (or None), got {type(out).__name__}")
+    else:
+        out = list(out)
+        if len(out) != len(a):
+            raise ValueError(f"{op}: out must have one entry per gradient ({len(a)}), got {len(out)}")
+    device = next((t.device for t in a + b if t is not None), None)
+    for i, o in enumerate(out):
+        if o is None:
+            continue
+        x = a[i] if a[i] is not None else b[i]
+        if not isinstance(o, Tensor) or o.dtype not in _ALL_DTYPES:
+            got = o.dtype if isinstance(o, Tensor) else type(o).__name__
+            raise TypeError(f"{op}: out[{i}] must be a float32, bfloat16, float16 or float64 tensor or None, "
+                            f"got {got}")
+        if device is not None and o.device != device:
+            raise ValueError(f"{op}: out[{i}] is on {o.device}, the gradients on {device}")
+        if x is not None and o.shape != x.shape:
+            raise ValueError(f"{op}: out[{i}] has shape {tuple(o.shape)}, the gradients {tuple(x.shape)}")
+    for i, o in enumerate(out):  # all entries are valid: only now write anything
+        x = a[i] if a[i] is not None else b[i]
+        if o is None and x is not None:
+            dt = torch.promote_types(x.dtype, (b[i] if a[i] is not None and b[i] is not None else x).dtype)
+            out[i] = (torch.zeros_like if accumulate else torch.empty_like)(x, dtype=dt,
+                                                                            memory_format=torch.contiguous_format)
+        elif o is not None and x is None and not accumulate:
+            o.zero_()
+    return out
+
+
+def _pick(op, a, b, backend, extra_ok: bool = True):
     present = [t for t in a + b if t is not None]
     fast_ok = extra_ok and all(t.dtype in FLOAT_DTYPES for t in present)
-    return backends.pick("gradient_gram", _GRAM, present[0], backend, ext_op="dera_fast_C::gradient_gram",
-                         supports={"triton": lambda: fast_ok, "cuda": lambda: fast_ok})
+    shape = {"numel": sum(t.numel() for t in present) // 2 or 1, "tensors": len(present)}
+    return backends.pick(op, _GRAM, present[0], backend, shape=shape,
+                         supports={"triton": lambda: fast_ok, "cuda": lambda: fast_ok, "cpp": lambda: fast_ok})
 
 
 def _compact(a, b, groups, backend_name):
@@ -264,16 +314,16 @@ def gradient_gram(grads_a: GradList, grads_b: GradList, *, groups: Optional[Sequ
     Args:
         grads_a, grads_b: equal-length lists; entry i is a tensor of any shape (the same shape in both lists)
             or None (a zero gradient, never allocated). fp32, bf16 or fp16 (fp64 on the torch backend only).
-        groups: group id (int >= 0) per entry, host data; None = one global group.
-        backend: None (auto), "torch", "triton" or "cuda".
+        groups: group id per entry, an int in [0, number of entries), host data; None = one global group.
+        backend: None (auto), "torch", "triton", "cuda" or "cpp".
     Returns:
         fp32 [G, 3] (fp64 if any input is fp64), G = max(groups) + 1: (<a, b>, |a|^2, |b|^2) per group, with
         fp32 accumulation for every dtype. A group with no present tensor is all zeros.
     """
-    a, b, groups, num_groups = _check_lists(grads_a, grads_b, groups)
+    a, b, groups, num_groups = _check_lists(grads_a, grads_b, groups, "gradient_gram")
     if all(t is None for t in a + b):
         return torch.zeros(num_groups, 3, dtype=torch.float32)
-    name, fn = _pick(a, b, backend)
+    name, fn = _pick("gradient_gram", a, b, backend)
     _, a, b, groups = _compact(a, b, groups, name)
     return fn(a, b, groups, num_groups)
 
@@ -290,40 +340,24 @@ def sacp_project(grads_a: GradList, grads_b: GradList, *, groups: Optional[Seque
     Args:
         grads_a, grads_b, groups, backend: as in :func:`gradient_gram`.
         eps: the stabiliser added to the squared norms (>= 0; with 0 the 0/0 case is still guarded).
-        out: optional list (same length) of destination tensors, e.g. ``[p.grad for p in params]``; an entry may
-            be None, then a new tensor is allocated (fp32/bf16/fp16 of the promoted input dtype). Must be
-            contiguous on the triton/cuda backends.
+        out: optional list (same length) of destination tensors, e.g. ``[p.grad for p in params]``, on the
+            gradients' device with their shape; an entry may be None, then a new tensor is allocated (fp32/bf16/fp16
+            of the promoted input dtype). Every entry is checked before anything is written. Must be contiguous on
+            the triton/cuda/cpp backends.
         accumulate: add into ``out`` instead of overwriting it.
     Returns:
         list of a' + b' (the ``out`` tensors where given); None where both gradients are None and no ``out``
         entry was given (entries where both are None but ``out`` is given are zeroed unless accumulating).
     """
-    a, b, groups, num_groups = _check_lists(grads_a, grads_b, groups)
-    if not (isinstance(eps, (int, float)) and eps >= 0):
-        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
-    if out is not None:
-        out = list(out)
-        if len(out) != len(a):
-            raise ValueError(f"out must have one entry per gradient ({len(a)}), got {len(out)}")
-    else:
-        out = [None] * len(a)
-    for i, o in enumerate(out):
-        x = a[i] if a[i] is not None else b[i]
-        if o is None:
-            if x is not None:
-                dt = torch.promote_types(x.dtype, (b[i] if a[i] is not None and b[i] is not None else x).dtype)
-                out[i] = (torch.zeros_like if accumulate else torch.empty_like)(x, dtype=dt,
-                                                                                memory_format=torch.contiguous_format)
-        elif not isinstance(o, Tensor) or o.dtype not in _ALL_DTYPES:
-            raise TypeError(f"out[{i}] must be a floating tensor or None")
-        elif x is not None and o.shape != x.shape:
-            raise ValueError(f"out[{i}] has shape {tuple(o.shape)}, the gradients {tuple(x.shape)}")
-        elif x is None and not accumulate:
-            o.zero_()
+    op = "sacp_project"
+    a, b, groups, num_groups = _check_lists(grads_a, grads_b, groups, op)
+    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and 0 <= eps < float("inf")):
+        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
+    out = _check_out(out, a, b, bool(accumulate), op)
     if all(t is None for t in a + b):
         return out
-    name, fn = _pick(a, b, backend, extra_ok=all(o is None or (o.is_contiguous() and o.dtype in FLOAT_DTYPES)
-                                                   for o in out))
+    name, fn = _pick(op, a, b, backend, extra_ok=all(o is None or (o.is_contiguous() and o.dtype in FLOAT_DTYPES)
+                                                      for o in out))
     keep, ca, cb, cg = _compact(a, b, groups, name)
     gram = fn(ca, cb, cg, num_groups)
     weights = sacp_coefficients(gram, eps).contiguous()  # [G, 2], fp32 (fp64 for fp64 inputs on torch)

@@ -1,8 +1,8 @@
 """Vector-quantisation codebook search: nearest code, stochastic sample, codebook cross-entropy.
 
 All three take rows ``z``/``h``: [N, D] and a codebook [K, D] in fp32, bf16 or fp16, and do their distance / logit
-arithmetic in fp32. The fast backends (Triton, CUDA C++, and a C++ CPU kernel for ``vq_nearest``) stream the
-codebook in tiles and never hold the N x K score matrix: extra memory is O(N + K*D).
+arithmetic in fp32. The fast backends (``triton``, ``cuda``, and the C++ CPU kernel ``cpp`` for ``vq_nearest``)
+stream the codebook in tiles and never hold the N x K score matrix: extra memory is O(N + K*D).
 
 LARP's naive path, which the benchmarks compare against, materialises N x K fp32 (1 GiB at N = 32768, K = 8192).
 """
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backends
-from ._checks import check_finite, check_index_range, check_positive, check_same_device, check_tensor
+from ._checks import check_finite, check_index_range, check_inverse_finite, check_same_device, check_tensor
 
 # NOTE: the torch path scores rows in fixed-size chunks, zero-padded to exactly _CHUNK rows, so every call runs the
 # same GEMM shape: a row's id then never depends on what else is in the batch (BLAS picks kernels by shape), and
@@ -153,7 +153,8 @@ def _ce_backward_with(bwd_op):
 _codebook_ce_triton.register_autograd(_ce_backward_with(_codebook_ce_bwd_triton), setup_context=_ce_setup_context)
 
 # ----------------------------------------------------------------------------------------------------------------
-# CUDA C++ backend (dera_fast._C): fake / autograd registrations only when the extension provides the ops
+# Extension backends (dera_fast._C): "cuda" (CUDA kernels) and "cpp" (C++ CPU kernels) call the same schema; the
+# dispatcher routes by device. Fake / autograd registrations only when the extension provides the ops.
 # ----------------------------------------------------------------------------------------------------------------
 if "dera_fast_C::vq_nearest" in backends.EXT_OPS:
     torch.library.register_fake("dera_fast_C::vq_nearest")(_fake_ids)
@@ -166,23 +167,37 @@ if "dera_fast_C::codebook_ce_fwd" in backends.EXT_OPS:
         "dera_fast_C::codebook_ce_fwd",
         _ce_backward_with(lambda *a: torch.ops.dera_fast_C.codebook_ce_bwd(*a)), setup_context=_ce_setup_context)
 
-_NEAREST = {"torch": vq_nearest_ref, "triton": _vq_nearest_triton,
-            "cuda": lambda z, cb, bias: torch.ops.dera_fast_C.vq_nearest(z, cb, bias)}
-_SAMPLE = {"torch": vq_sample_ref, "triton": _vq_sample_triton,
-           "cuda": lambda z, cb, u, t: torch.ops.dera_fast_C.vq_sample(z, cb, u, t)}
-_CE = {"torch": codebook_ce_ref, "triton": _codebook_ce_triton,
-       "cuda": lambda h, cb, t, s: torch.ops.dera_fast_C.codebook_ce_fwd(h, cb, t, s)}
+def _ext_nearest(z, cb, bias):
+    return torch.ops.dera_fast_C.vq_nearest(z, cb, bias)
+
+
+def _ext_sample(z, cb, u, inv_t):
+    return torch.ops.dera_fast_C.vq_sample(z, cb, u, inv_t)
+
+
+def _ext_ce(h, cb, target, inv_t):
+    return torch.ops.dera_fast_C.codebook_ce_fwd(h, cb, target, inv_t)
+
+
+_NEAREST = {"torch": vq_nearest_ref, "triton": _vq_nearest_triton, "cuda": _ext_nearest, "cpp": _ext_nearest}
+_SAMPLE = {"torch": vq_sample_ref, "triton": _vq_sample_triton, "cuda": _ext_sample, "cpp": _ext_sample}
+_CE = {"torch": codebook_ce_ref, "triton": _codebook_ce_triton, "cuda": _ext_ce, "cpp": _ext_ce}
 _TRITON_MAX_D = 256  # one D tile per program (registers / shared memory); wider codes fall back
 
 
-def _check_pair(z: Tensor, codebook: Tensor, zname: str) -> None:
-    check_tensor(zname, z, ndim=2)
-    check_tensor("codebook", codebook, ndim=2)
-    check_same_device(**{zname: z, "codebook": codebook})
+def _check_pair(z: Tensor, codebook: Tensor, zname: str, op: str) -> None:
+    check_tensor(zname, z, ndim=2, op=op)
+    check_tensor("codebook", codebook, ndim=2, op=op)
+    check_same_device(op=op, **{zname: z, "codebook": codebook})
     if z.shape[1] != codebook.shape[1]:
-        raise ValueError(f"{zname} has D={z.shape[1]} but codebook has D={codebook.shape[1]}; they must match")
-    check_finite(zname, z)
-    check_finite("codebook", codebook)
+        raise ValueError(f"{op}: {zname} has D={z.shape[1]} but codebook has D={codebook.shape[1]}; they must match")
+    check_finite(zname, z, op=op)
+    check_finite("codebook", codebook, op=op)
+
+
+def _shape(x: Tensor, codebook: Tensor) -> dict:
+    """The shape class the automatic backend rules see (backends.AUTO_RULES)."""
+    return {"N": x.shape[0], "K": codebook.shape[0], "D": x.shape[1]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -195,17 +210,17 @@ def vq_nearest(z: Tensor, codebook: Tensor, *, metric: str = "l2", backend: str 
         z: [N, D] fp32 / bf16 / fp16.
         codebook: [K, D] fp32 / bf16 / fp16.
         metric: "l2" (min |z - c|^2) or "cosine" (max cos(z, c)).
-        backend: None (automatic), "torch", "triton" or "cuda".
+        backend: None (automatic), "torch", "triton", "cuda" or "cpp".
     Returns:
         int64 [N]. Distances are computed in fp32 whatever the input dtype; ties go to the lowest index; a row's id
         does not depend on the other rows in the batch (same device, dtype and backend).
     """
-    _check_pair(z, codebook, "z")
+    _check_pair(z, codebook, "z", "vq_nearest")
     if metric not in ("l2", "cosine"):
-        raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
+        raise ValueError(f"vq_nearest: metric must be 'l2' or 'cosine', got {metric!r}")
     cb, bias = _prepare_codebook(codebook, metric)
     z = z.detach().contiguous()
-    _, fn = backends.pick("vq_nearest", _NEAREST, z, backend, ext_op="dera_fast_C::vq_nearest",
+    _, fn = backends.pick("vq_nearest", _NEAREST, z, backend, shape=_shape(z, cb),
                           supports={"triton": lambda: z.shape[1] <= _TRITON_MAX_D})
     return fn(z, cb, bias)
 
@@ -217,21 +232,21 @@ def vq_sample(z: Tensor, codebook: Tensor, *, temperature: float, generator: tor
     Args:
         z: [N, D] fp32 / bf16 / fp16.
         codebook: [K, D] fp32 / bf16 / fp16 (normalised internally).
-        temperature: > 0 (LARP uses 0.03).
+        temperature: > 0, with 1/temperature finite in fp32 (LARP uses 0.03).
         generator: a torch.Generator on z's device, for reproducible draws.
-        backend: None (automatic), "torch", "triton" or "cuda".
+        backend: None (automatic), "torch", "triton" or "cuda" (no C++ CPU kernel).
     Returns:
         int64 [N]. Exact inverse-CDF sampling with one uniform per row drawn from ``generator``; the fast paths run
         two passes over the codebook (row max / normaliser, then the running CDF) and never store N x K.
     """
-    _check_pair(z, codebook, "z")
-    inv_t = 1.0 / check_positive("temperature", temperature)
+    _check_pair(z, codebook, "z", "vq_sample")
+    inv_t = check_inverse_finite("temperature", temperature, op="vq_sample")
     if generator is not None and generator.device.type != z.device.type:
-        raise ValueError(f"generator is on {generator.device} but z is on {z.device}; they must match")
+        raise ValueError(f"vq_sample: generator is on {generator.device} but z is on {z.device}; they must match")
     cb, _ = _prepare_codebook(codebook, "cosine")
     z = z.detach().contiguous()
     u = torch.rand(z.shape[0], generator=generator, device=z.device, dtype=torch.float32)
-    _, fn = backends.pick("vq_sample", _SAMPLE, z, backend, ext_op="dera_fast_C::vq_sample",
+    _, fn = backends.pick("vq_sample", _SAMPLE, z, backend, shape=_shape(z, cb),
                           supports={"triton": lambda: z.shape[1] <= _TRITON_MAX_D})
     return fn(z, cb, u, inv_t)
 
@@ -244,28 +259,29 @@ def codebook_cross_entropy(h: Tensor, codebook: Tensor, target: Tensor, *, tempe
         h: [N, D] predictions (any norm; normalised internally).
         codebook: [K, D] (normalised internally; pass it detached to keep gradients out of it, as LARP does).
         target: int64 [N] code ids in [0, K).
-        temperature: > 0.
+        temperature: > 0, with 1/temperature finite in fp32.
         reduction: "mean", "sum" or "none".
-        backend: None (automatic), "torch", "triton" or "cuda".
+        backend: None (automatic), "torch", "triton" or "cuda" (no C++ CPU kernel).
     Returns:
         A scalar (mean/sum) or [N] fp32 losses. Differentiable w.r.t. ``h`` and ``codebook``; the fast paths keep
         only per-row log-sum-exps (O(N)) for the backward and never store the N x K logits.
     """
-    _check_pair(h, codebook, "h")
-    check_tensor("target", target, ndim=1, dtypes=(torch.int64, torch.int32))
+    op = "codebook_cross_entropy"
+    _check_pair(h, codebook, "h", op)
+    check_tensor("target", target, ndim=1, dtypes=(torch.int64, torch.int32), op=op)
     if target.shape[0] != h.shape[0]:
-        raise ValueError(f"target has {target.shape[0]} entries but h has {h.shape[0]} rows")
+        raise ValueError(f"{op}: target has {target.shape[0]} entries but h has {h.shape[0]} rows")
     if target.device != h.device:
-        raise ValueError(f"target is on {target.device} but h is on {h.device}")
+        raise ValueError(f"{op}: target is on {target.device} but h is on {h.device}")
     if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    check_index_range("target", target, codebook.shape[0])
-    inv_t = 1.0 / check_positive("temperature", temperature)
+        raise ValueError(f"{op}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    check_index_range("target", target, codebook.shape[0], op=op)
+    inv_t = check_inverse_finite("temperature", temperature, op=op)
     dtype = torch.promote_types(h.dtype, codebook.dtype)
     # normalisation stays in autograd (O(N*D + K*D)); the fused op sees unit rows of one dtype
     hn = F.normalize(h.to(dtype), dim=1).contiguous()
     cn = F.normalize(codebook.to(dtype), dim=1).contiguous()
-    _, fn = backends.pick("codebook_cross_entropy", _CE, hn, backend, ext_op="dera_fast_C::codebook_ce_fwd",
+    _, fn = backends.pick(op, _CE, hn, backend, shape=_shape(hn, cn),
                           supports={"triton": lambda: h.shape[1] <= _TRITON_MAX_D})
     loss, _ = fn(hn, cn, target.long().contiguous(), inv_t)
     if reduction == "mean":
