@@ -21,7 +21,7 @@ _LAZY = {
     "ARGenerator": "dera_fast.models.ar",
     "set_progress_bar_config": "dera_fast._progress",  # one switch for the library's progress bars
 }
-_SUBMODULES = ("models", "convert", "data", "metrics", "viz", "sacp", "train", "generate")
+_SUBMODULES = ("models", "convert", "data", "metrics", "viz", "sacp", "train", "generate", "eval")
 
 
 def __getattr__(name):

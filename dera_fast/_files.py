@@ -28,10 +28,9 @@ from typing import Callable, Iterator
 
 log = logging.getLogger("dera_fast")
 
-# .<name>.tmp<pid>[-<tag>][<suffix>]: ours and dera_fast.data's writer; .<name>.<pid>.tmp: the eval writers;
+# .<name>.tmp<pid>[-<tag>][<suffix>]: every atomic write (ours, dera_fast.data's writer, the eval results);
 # .<name>.old<pid>-<tag>: a folder moved aside by atomic_dir while its replacement is renamed in.
 _TEMP = re.compile(r"^\.(?P<base>.+?)\.(?P<kind>tmp|old)(?P<pid>\d+)(?:-[0-9a-f]{8})?(?P<suffix>\.[^.]+)?$")
-_TEMP_EVAL = re.compile(r"^\.(?P<base>.+)\.(?P<pid>\d+)\.tmp$")
 
 
 class OutputError(ValueError):
@@ -259,7 +258,7 @@ def clean_stale(folder: str | os.PathLike, *, names=None) -> list[Path]:
         return []
     done = []
     for entry in folder.iterdir():
-        m = _TEMP.match(entry.name) or _TEMP_EVAL.match(entry.name)
+        m = _TEMP.match(entry.name)
         if not m or _pid_alive(int(m["pid"])):
             continue
         target = m["base"] + (m.groupdict().get("suffix") or "")

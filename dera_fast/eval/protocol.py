@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import subprocess
 from pathlib import Path
 
@@ -120,15 +119,12 @@ def _finite(obj):
 
 
 def write_json_atomic(path, obj) -> None:
-    """Write JSON through a temporary file in the same folder and ``os.replace`` (never a half-written file)."""
+    """Write JSON atomically (:func:`dera_fast._files.write_text`: temporary file, fsync, ``os.replace``)."""
+    from dera_fast._files import write_text
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(_finite(obj), indent=2, sort_keys=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text(path, json.dumps(_finite(obj), indent=2, sort_keys=False) + "\n")
 
 
 def load_result(path) -> dict:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 from pathlib import Path
 
@@ -158,8 +157,10 @@ def load_real_stats(path: Path, fields: dict) -> tuple[FeatureStats, torch.Tenso
 
 def save_real_stats(path: Path, fields: dict, stats: FeatureStats, labels: torch.Tensor | None,
                     world_size: int) -> None:
-    """Write the cache atomically (temporary file + ``os.replace``); safetensors, no pickle."""
+    """Write the cache atomically (:func:`dera_fast._files.write_file`); safetensors, no pickle."""
     from safetensors.torch import save_file
+
+    from dera_fast._files import write_file
 
     from dera_fast import __version__
 
@@ -170,9 +171,4 @@ def save_real_stats(path: Path, fields: dict, stats: FeatureStats, labels: torch
             "dera_fast.real_stats_key": cache_key(fields)[0], "dera_fast.world_size": str(world_size),
             "dera_fast.version": __version__}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(state, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_file(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
