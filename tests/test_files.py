@@ -93,7 +93,7 @@ def test_clean_stale_removes_only_dead_writers(tmp_path):
                           text=True).stdout.strip()
     mine = os.getpid()
     names = [f".out.tmp{dead}-0badcafe.mp4", f".model.tmp{dead}-0badcafe", f".tokens.safetensors.tmp{dead}",
-             f".out.tmp{mine}-0badcafe.mp4", f".eval.json.{dead}.tmp", "visible.tmp123"]
+             f".out.tmp{mine}-0badcafe.mp4", f".eval.json.tmp{dead}-0badcafe", "visible.tmp123"]
     for n in names:
         (tmp_path / n).mkdir() if n.startswith(".model") else (tmp_path / n).write_text("x")
     # a folder moved aside by a killed atomic_dir whose replacement never arrived is put back
