@@ -4,9 +4,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
-
-from ._common import CLIError
+from ._common import CLIError, add_overwrite_option, output_path, positive_int
 
 
 def add_parser(sub) -> None:
@@ -22,7 +20,9 @@ def add_parser(sub) -> None:
     p.add_argument("--json", default=None, metavar="PATH",
                    help="write {'meta': ..., 'records': [one per row: op, variant, backend, device, shape, dtype, "
                         "status, max_err, tol, reason, ms, torch_ms, speedup]}")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads for torch (default: torch's choice)")
+    add_overwrite_option(p)
     p.set_defaults(func=run)
 
 
@@ -30,16 +30,13 @@ def run(args) -> int:
     import torch
 
     from dera_fast import backends, selftest
+    from dera_fast._files import write_text
 
-    if args.threads is not None and args.threads < 1:
-        raise CLIError(f"--threads must be >= 1, got {args.threads}")
     has_cuda = torch.cuda.is_available()
     if args.device == "cuda" and not has_cuda:
         raise CLIError("--device cuda: no CUDA device is available here (torch.cuda.is_available() is False)")
     devices = ["cpu", "cuda"] if args.device == "all" and has_cuda else ["cuda"] if args.device == "cuda" else ["cpu"]
-    out = Path(args.json) if args.json else None
-    if out is not None and out.is_dir():
-        raise CLIError(f"--json {out}: is a directory")
+    out = output_path(args.json, overwrite=args.overwrite, what="--json") if args.json else None
     t0 = time.perf_counter()
     done = [0]
 
@@ -62,8 +59,6 @@ def run(args) -> int:
         meta.update(devices=devices, bench=args.bench, seconds=round(elapsed, 2), threads=torch.get_num_threads())
         payload = json.dumps({"meta": meta, "records": [r.record() for r in rows]}, indent=1, default=str)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(payload)
-        tmp.replace(out)  # atomic: a reader never sees half a file
+        write_text(out, payload)  # atomic: a reader never sees half a file
         print(f"wrote {out}")
     return 1 if counts["fail"] else 0
