@@ -74,7 +74,7 @@ def _write_all(stem: Path, grid: torch.Tensor, fps: float, value_range) -> list[
 
 
 def run_demo(out: str | Path = "runs/demo", *, steps: int | None = None, gen_steps: int | None = None,
-             device: str = "cpu", progress: bool = True, teacher_image: str | None = None,
+             device: str = "cpu", progress: bool | None = None, teacher_image: str | None = None,
              teacher_video: str | None = None, perceptual_weights: str | None = None,
              num_train_clips: int = NUM_TRAIN_CLIPS, num_eval_clips: int = NUM_EVAL_CLIPS) -> dict:
     """Run the demo; returns the summary dict (also written to ``<out>/summary.json``)."""
@@ -83,11 +83,15 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int | None = None, gen_ste
     from dera_fast.generate import generate
     from dera_fast.train.generator import GeneratorTrainConfig, GeneratorTrainer
     from dera_fast.train.tokenizer import TokenizerTrainConfig, TokenizerTrainer
-    from dera_fast.train.tokens import config_hash, save_tokens
+    from dera_fast._files import write_text
+    from dera_fast.train.loop import prepare_run_folder
+    from dera_fast.train.tokens import save_tokens, tokenizer_provenance
 
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    for run in ("tokenizer", "generator"):  # the demo's own run folders start afresh
+        prepare_run_folder(out / run, overwrite=True)
     steps = DEMO_STEPS if steps is None else steps
     gen_steps = DEMO_GEN_STEPS if gen_steps is None else gen_steps
     tcfg = TokenizerTrainConfig.from_name("tiny", steps=steps, gan_start=4 * steps // 5, teacher_image=teacher_image,
@@ -133,8 +137,7 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int | None = None, gen_ste
     token_file = save_tokens(out / "tokens.safetensors", ids, codebook_size=model.codebook_size, labels=train_y,
                              meta={"source": "SyntheticClips(seed=0)", "fps": 8, "clip_len": mcfg.num_frames,
                                    "stride": mcfg.num_frames, "size": mcfg.size, "num_classes": train_ds.num_classes,
-                                   "classes": json.dumps(train_ds.classes),
-                                   "tokenizer_config_hash": config_hash(mcfg.to_dict())})
+                                   "classes": json.dumps(train_ds.classes), **tokenizer_provenance(model)})
     print(f"[4/6] tokenized {ids.shape[0]} clips -> {token_file} ({ids.shape[1]} tokens each, "
           f"{encode_tps:,.0f} tokens/s)")
 
@@ -169,7 +172,7 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int | None = None, gen_ste
         "tokenizer_steps": steps, "generator_steps": gen_steps, "teachers": "given" if teacher_image or
         teacher_video else "random", "perceptual": bool(perceptual_weights),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print_summary(summary, out)
     return summary
 

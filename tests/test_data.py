@@ -144,7 +144,9 @@ def test_dataset_errors(tmp_path, folder):
         VideoFolderDataset(bad)
     gone = tmp_path / "gone.csv"
     gone.write_text("id,path,action,label\n0,gone.gif,X,0\n")
-    ds = VideoFolderDataset(gone, frames=4, size=8)
+    with pytest.raises(FileNotFoundError, match="gone.gif"):  # the index reads every file up front
+        VideoFolderDataset(gone, frames=4, size=8)
+    ds = VideoFolderDataset(gone, frames=4, size=8, index=False)
     with pytest.raises(FileNotFoundError, match="gone.gif"):
         ds[0]
     with pytest.raises(IndexError):

@@ -38,7 +38,7 @@ def test_frame_prediction_trains_from_videos_through_the_cli(videos, tmp_path):
     assert main(["train", "generator", "--preset", "tiny", "--task", "frame-prediction", "--data",
                  str(videos / "videos"), "--tokenizer", str(videos / "tok"), "--out", str(out), "--steps", "3",
                  "--batch-size", "2", *COMMON]) == 0
-    cfg = json.loads((out / "model" / "config.json").read_text())
+    cfg = json.loads((out / "model" / "config.json").read_text())["config"]  # the shared checkpoint format
     assert cfg["frame_prediction"] is True and cfg["cls_token_num"] == 16 + 1 and cfg["vocab_size"] == 64
     gen = ARGenerator.from_pretrained(out / "model")
     tok = DeRATokenizer.from_pretrained(videos / "tok")
@@ -79,7 +79,7 @@ def test_class_task_labels_from_folders_and_csv(videos, tmp_path):
         out = tmp_path / source.stem
         assert main(["train", "generator", "--preset", "tiny", "--data", str(source), "--tokenizer",
                      str(videos / "tok"), "--out", str(out), "--steps", "2", "--batch-size", "2", *COMMON]) == 0
-        cfg = json.loads((out / "model" / "config.json").read_text())
+        cfg = json.loads((out / "model" / "config.json").read_text())["config"]  # the shared checkpoint format
         assert cfg["frame_prediction"] is False and cfg["num_classes"] == 3
         assert json.loads((out / "model" / "classes.json").read_text()) == ["jump", "run", "swim"]
 

@@ -15,7 +15,8 @@ import sys
 from ._common import CLIError
 
 # command modules, in the order `--help` lists them
-COMMANDS = ("info", "demo", "train", "tokenize", "reconstruct", "generate", "bench")
+COMMANDS = ("info", "selftest", "demo", "train", "tokenize", "reconstruct", "generate", "eval", "bench",
+            "convert_teacher", "prepare_data")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,6 +48,13 @@ def _run(args) -> int:
         return args.func(args)
 
 
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in text:
+        text += f": {e.filename}"
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -57,18 +65,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if main_rank else logging.ERROR, format="%(message)s")
     if os.environ.get("DERA_FAST_DEBUG") == "1":  # full tracebacks for bug reports
         return _run(args)
+    from safetensors import SafetensorError
+
     from dera_fast.backends import BackendUnavailableError
 
     try:
         return _run(args)
     except CLIError as e:
-        print(f"dera_fast {args.command}: error: {e}", file=sys.stderr)
+        print(f"dera_fast {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return e.code
     except (ImportError, BackendUnavailableError) as e:
-        print(f"dera_fast {args.command}: missing optional dependency: {e}", file=sys.stderr)
+        print(f"dera_fast {args.command}: missing optional dependency: {_one_line(e)}", file=sys.stderr)
         return 3
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError) as e:
-        print(f"dera_fast {args.command}: error: {e}", file=sys.stderr)
+    except (OSError, ValueError, SafetensorError) as e:  # unreadable / unwritable files, bad values
+        print(f"dera_fast {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dera_fast {args.command}: interrupted", file=sys.stderr)

@@ -143,8 +143,8 @@ def _run_tokenizer(args) -> int:
         res = evaluate_tokenizer(model, args.data, i3d=args.i3d, root=args.root, lpips_vgg=args.lpips_vgg,
                                  lpips_heads=args.lpips_heads, num_videos=args.num_videos,
                                  batch_size=args.batch_size, seed=args.seed, workers=args.workers,
-                                 cache_dir=None if args.no_cache else out.parent, progress=not args.no_progress,
-                                 info=info, model_path=args.model)
+                                 cache_dir=None if args.no_cache else out.parent,
+                                 progress=False if args.no_progress else None, info=info, model_path=args.model)
         if info.is_main:
             m, t = res["metrics"], res["throughput"]
             lp = next((f"  {k.upper()} {m[k]:.4f}" for k in ("lpips", "lpips_uniform_heads") if k in m), "")
@@ -182,7 +182,7 @@ def _run_generator(args) -> int:
                                  top_p=args.top_p, context_frames=args.context_frames, fp_size=args.fp_size or None,
                                  batch_size=args.batch_size, seed=args.seed, compile=compile_,
                                  workers=args.workers, cache_dir=None if args.no_cache else out.parent,
-                                 progress=not args.no_progress, info=info,
+                                 progress=False if args.no_progress else None, info=info,
                                  model_paths={"generator": args.model, "tokenizer": args.tokenizer})
         if info.is_main:
             m, t = res["metrics"], res["throughput"]

@@ -1,10 +1,15 @@
-"""``dera_fast tokenize``: a video file or folder -> a token file (.safetensors) with its provenance."""
+"""``dera_fast tokenize``: a video file or folder -> a token file (.safetensors) with its provenance.
+
+Videos are streamed: decoded frame by frame, resized as they are decoded, and tokenized a batch of clips at a
+time, so memory stays flat in the video's length.
+"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from ._common import CLIError, add_common_options, load_tokenizer, read_clip_video, resolve_device, resolve_dtype
+from ._common import (CLIError, add_common_options, add_overwrite_option, load_tokenizer, model_files, output_path,
+                      positive_float, positive_int, resolve_device, resolve_dtype)
 
 
 def add_parser(sub) -> None:
@@ -12,47 +17,65 @@ def add_parser(sub) -> None:
     p.add_argument("input")
     p.add_argument("output")
     p.add_argument("--model", required=True, help="tokenizer folder")
-    p.add_argument("--stride", type=int, default=None, help="frames between clip starts (default: clip length)")
-    p.add_argument("--fps", type=float, default=None, help="resample to this frame rate (default: native)")
+    p.add_argument("--stride", type=positive_int, default=None, help="frames between clip starts (default: clip length)")
+    p.add_argument("--fps", type=positive_float, default=None, help="resample to this frame rate (default: native)")
     p.add_argument("--label", type=int, default=-1, help="class id stored for a single input file")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    add_overwrite_option(p)
     add_common_options(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     import torch
+    from tqdm import tqdm
 
-    from dera_fast.data import VideoFolderDataset
-    from dera_fast.train.tokens import config_hash, save_tokens
+    from dera_fast.data import VideoFolderDataset, iter_clips
+    from dera_fast.train.tokens import save_tokens, tokenizer_provenance
 
+    out = output_path(args.output, inputs=[args.input, *model_files(args.model)], overwrite=args.overwrite)
     device = resolve_device(args)
     dtype = resolve_dtype(args, device)
     model = load_tokenizer(args.model, device).to(dtype)
+    cfg, clip_len = model.config, model.frames_per_clip
     src = Path(args.input)
     if src.is_dir():
-        ds = VideoFolderDataset(src, frames=model.frames_per_clip, size=model.config.size)
+        ds = VideoFolderDataset(src, frames=clip_len, size=cfg.size, index=False)  # listing and labels only
         files, labels, classes = ds.paths, ds.labels, ds.classes
     elif src.is_file():
         files, labels, classes = [src], [args.label], []
     else:
         raise CLIError(f"input not found: {src}")
-    stride = args.stride or model.frames_per_clip
+    stride = args.stride or clip_len
     all_ids, all_labels, starts = [], [], []
-    for path, label in zip(files, labels):
-        video = read_clip_video(path, model, args.fps).to(dtype)
-        ids = model.encode_video(video, stride=stride, batch_size=args.batch_size, progress=not args.no_progress)
-        all_ids.append(ids)
-        all_labels += [label] * ids.shape[0]
-        starts += [i * stride for i in range(ids.shape[0])]
+    bar = tqdm(total=None, unit="frame", desc="tokenize", disable=True if args.no_progress else None,
+               dynamic_ncols=True)
+    try:
+        for path, label in zip(files, labels):
+            stream = iter_clips(path, clip_len, stride, size=cfg.size, fps=args.fps, value_range=cfg.pixel_range)
+            if stream.expected_frames:
+                bar.total = (bar.total or 0) + stream.expected_frames
+            bar.set_postfix_str(path.name)
+            shown, clips = 0, 0
+            for _, ids in model.encode_stream(stream, args.batch_size, progress=False):  # the job has one bar
+                all_ids.append(ids)
+                clips += ids.shape[0]
+                bar.update(stream.frames_read - shown)
+                shown = stream.frames_read
+            bar.update(stream.frames_read - shown)
+            all_labels += [label] * clips
+            starts += [i * stride for i in range(clips)]
+    finally:
+        bar.close()
+    if not all_ids:
+        raise CLIError(f"no clips in {src}")
     tokens = torch.cat(all_ids)
-    meta = {"source": src.name, "fps": args.fps or "native", "clip_len": model.frames_per_clip, "stride": stride,
-            "size": model.config.size, "tokenizer_config_hash": config_hash(model.config.to_dict()),
-            "model_type": model.model_type, "device": device.type, "dtype": str(dtype),
+    meta = {"source": src.name, "fps": args.fps or "native", "clip_len": clip_len, "stride": stride,
+            "size": cfg.size, **tokenizer_provenance(model), "device": device.type, "dtype": str(dtype),
             "backend": args.backend, "num_clips": tokens.shape[0]}
     if classes:
         meta.update(num_classes=len(classes), classes=json.dumps(classes))
-    save_tokens(args.output, tokens, codebook_size=model.codebook_size, labels=torch.tensor(all_labels),
+    save_tokens(out, tokens, codebook_size=model.codebook_size, labels=torch.tensor(all_labels),
                 starts=torch.tensor(starts), meta=meta)
     print(f"wrote {tokens.shape[0]} clips x {tokens.shape[1]} tokens to {args.output}")
     return 0

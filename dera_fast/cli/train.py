@@ -5,7 +5,7 @@ import json
 import os
 from pathlib import Path
 
-from ._common import CLIError, add_common_options
+from ._common import CLIError, add_common_options, non_negative_int, positive_float, positive_int
 
 
 def add_parser(sub) -> None:
@@ -13,13 +13,32 @@ def add_parser(sub) -> None:
     p.add_argument("what", choices=["tokenizer", "generator"])
     p.add_argument("--config", default=None, help="JSON file of training-config fields")
     p.add_argument("--preset", default=None, help="named training preset (tokenizer: tiny, larp-l, dera-l; "
-                                                  "generator: tiny, ucf-lp)")
+                                                  "generator: tiny, ucf-lp, k600-fp-lp, dera-ucf, dera-k600-fp)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<what>)")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's newest checkpoint")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--data", default=None, help="tokenizer: synthetic, a video folder or a LARP CSV")
-    p.add_argument("--tokens", default=None, help="generator: token file from `tokenize`")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's newest intact "
+                                                         "checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start over in a run folder that holds a previous run "
+                                                            "(its checkpoints, metrics and model are deleted)")
+    p.add_argument("--steps", type=positive_int, default=None, help="optimiser steps (switches an epoch-based preset to "
+                                                             "this count unless --epochs is given)")
+    p.add_argument("--epochs", type=positive_float, default=None, help="training length in epochs over --data (steps "
+                                                              "derived at run time, as LARP)")
+    p.add_argument("--batch-size", type=positive_int, default=None)
+    p.add_argument("--data", default=None, help="synthetic (tokenizer), a video folder or a LARP CSV")
+    p.add_argument("--tokens", default=None, help="generator: token file from `tokenize` (class task)")
+    p.add_argument("--task", default=None, choices=["class", "frame-prediction"],
+                   help="generator: class-conditional or frame prediction (5 context frames, LARP_AR_FP)")
+    p.add_argument("--tokenizer", default=None, help="generator: frozen tokenizer folder that tokenizes --data "
+                                                     "on the fly")
+    p.add_argument("--teacher-image", default=None, help="tokenizer (DeRA): image-teacher weights (DINOv3 "
+                                                         ".safetensors/.pth; preset field teacher_image_arch)")
+    p.add_argument("--teacher-video", default=None, help="tokenizer (DeRA): video-teacher weights (InternVideo2 "
+                                                         "B/14 .safetensors/.pth; preset field teacher_video_arch)")
+    p.add_argument("--teachers", default=None, choices=["files", "random"],
+                   help="tokenizer (DeRA): 'random' aligns with seeded random stand-ins where no file is given "
+                        "(smoke tests only; recorded in the run's config and metrics)")
+    p.add_argument("--workers", type=non_negative_int, default=None,
+                   help="data-loading worker processes per rank (default: min(8, CPU cores per rank))")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config field (JSON value)")
     add_common_options(p)
     p.set_defaults(func=run)
@@ -42,19 +61,34 @@ def train_config(args):
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value
-    for key in ("steps", "batch_size", "data", "tokens"):
+    only = {"tokenizer": ("teacher_image", "teacher_video", "teachers"), "generator": ("tokens", "task", "tokenizer")}
+    other = "generator" if args.what == "tokenizer" else "tokenizer"
+    for key in only[other]:
+        if getattr(args, key, None) is not None:
+            raise CLIError(f"--{key.replace('_', '-')} applies to `train {other}` only")
+    for key in ("steps", "epochs", "batch_size", "data", *only[args.what]):
         if getattr(args, key, None) is not None:
             overrides[key] = getattr(args, key)
+    if args.workers is not None:
+        overrides["num_workers"] = args.workers
+    if args.steps is not None and args.epochs is None:
+        overrides.setdefault("epochs", 0)  # explicit steps win over an epoch-based preset
     if args.config is not None:
         path = Path(args.config)
         if not path.is_file():
             raise CLIError(f"config file not found: {path}")
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CLIError(f"{path} is not valid JSON ({e})") from None
-        return Cfg.from_dict({**data, **overrides})
-    return Cfg.from_name(args.preset, **overrides)
+        if not isinstance(data, dict):
+            raise CLIError(f"{path} must hold a JSON object of config fields, got {type(data).__name__}")
+    try:
+        if args.config is not None:
+            return Cfg.from_dict({**data, **overrides})
+        return Cfg.from_name(args.preset, **overrides)
+    except (TypeError, ValueError) as e:  # a field of the wrong type or value, named in the message
+        raise CLIError(str(e)) from None
 
 
 def run(args) -> int:
@@ -68,7 +102,13 @@ def run(args) -> int:
         from dera_fast.train.generator import GeneratorTrainer as Trainer
     if args.dtype in ("fp32", "float32"):
         cfg.amp = "off"
-    result = run_training(Trainer, cfg, out, device=args.device, progress=not args.no_progress, resume=args.resume)
+    if args.resume and args.overwrite:
+        raise CLIError("--resume continues the run in --out, --overwrite deletes it: give one of them")
+    inputs = [args.config, *(getattr(cfg, k, None) or None for k in ("data", "tokens", "tokenizer", "teacher_image",
+                                                                     "teacher_video", "perceptual_weights"))]
+    result = run_training(Trainer, cfg, out, device=args.device, progress=False if args.no_progress else None,
+                          resume=args.resume, overwrite=args.overwrite,
+                          inputs=[p for p in inputs if p and p != "synthetic"])
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: round(v, 4) for k, v in result.items()}))
         print(f"model written to {Path(out) / 'model'}")

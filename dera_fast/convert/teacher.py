@@ -13,6 +13,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from dera_fast._files import check_output, write_file
 from dera_fast.models.teachers.loading import IMAGE_TEACHERS, VIDEO_TEACHERS, build_teacher, detect_arch
 from dera_fast.models.teachers.weights import (META_ARCH, META_CLASS, META_CONFIG, META_FORMAT, TEACHER_FORMAT,
                                                config_to_json, read_state_dict, resolve_weights_file)
@@ -39,6 +40,7 @@ def convert_teacher(src: str | os.PathLike, dst: str | os.PathLike, *, arch: str
         raise ValueError(f"output {dst} is the input: write the copy elsewhere")
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} exists (pass --overwrite to replace it)")
+    check_output(dst, inputs=[src, src_file], overwrite=True)  # same inode, folders, devices / FIFOs, ...
     state, meta = read_state_dict(src_file)
     name = arch or (meta.get(META_ARCH) if meta.get(META_FORMAT) == TEACHER_FORMAT else None) or detect_arch(state)
     if name not in IMAGE_TEACHERS and name not in VIDEO_TEACHERS:
@@ -52,12 +54,6 @@ def convert_teacher(src: str | os.PathLike, dst: str | os.PathLike, *, arch: str
     metadata = {"format": "pt", META_FORMAT: TEACHER_FORMAT, META_ARCH: name,
                 META_CLASS: type(teacher.config).__name__, META_CONFIG: config_to_json(teacher.config),
                 "dera_fast.version": __version__, "dera_fast.source": src_file.name}
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_file(dst, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))  # atomic
     return {"arch": name, "teacher": type(teacher).__name__, "tensors": len(tensors),
             "parameters": sum(v.numel() for v in tensors.values()), "source_tensors": len(state), "output": str(dst)}

@@ -16,9 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
-from .io import DEFAULT_RANGE, VIDEO_SUFFIXES, _check_range, _frame_indices, _step, probe_video, read_video
+from .decode import VIDEO_SUFFIXES, open_video
+from .index import VideoIndex, default_index_path
+from .io import _frame_indices, _step, read_clip
+from .transforms import DEFAULT_RANGE, FrameResizer, _check_range, repeat_last_frame
 
 _UCF_NAME = re.compile(r"^v_([^_]+)_g\d+_c\d+$")  # UCF-101 file names: v_<Action>_gXX_cXX
 
@@ -29,12 +32,6 @@ def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def pad_frames(clip: torch.Tensor, frames: int) -> torch.Tensor:
-    """Pad ``[C, T, H, W]`` to ``frames`` along T by repeating the last frame (no-op when long enough)."""
-    t = clip.shape[1]
-    if t >= frames:
-        return clip
-    return torch.cat([clip, clip[:, -1:].expand(-1, frames - t, -1, -1)], dim=1)
 
 
 def _action_from_path(path: Path, root: Path) -> str | None:
@@ -90,14 +87,24 @@ class VideoFolderDataset(Dataset):
         fps: resample to this frame rate before taking the clip (``None``: native rate, as LARP).
         root: base folder for relative CSV paths (default: the CSV's folder).
         suffixes: file types picked up in folder mode.
+        resize: ``"fast"`` (resize in the decoder; the default for ``train=True``) or ``"exact"`` (the evaluation
+            protocol's torch bilinear with antialiasing; the default for ``train=False``).
+        index: ``True``: frame counts and timestamps of every file from a :class:`VideoIndex` cached beside the
+            CSV / inside the folder (built once, in parallel); a path: cache it there; ``False``: probe each item
+            when it is read (no upfront pass; for one-pass uses such as tokenizing).
+        index_workers: threads that build the index.
+        progress: progress bar while indexing (None: the package setting, ``dera_fast.set_progress_bar_config``).
 
     Classes are the sorted distinct action names (CSV ``action`` column; in folder mode the UCF ``v_<Action>_``
     file name or the first sub-folder). ``label`` is the index into :attr:`classes`, or -1 without classes.
+    Each item opens its file once: the frame count comes from the index (or the same container), and the clip is
+    read by a keyframe seek (``decode.py``).
     """
 
     def __init__(self, source, frames: int = 16, size: int = 128, *, train: bool = True,
                  value_range=DEFAULT_RANGE, seed: int = 0, fps: float | None = None, root=None,
-                 random_start: bool = True, suffixes=VIDEO_SUFFIXES):
+                 random_start: bool = True, suffixes=VIDEO_SUFFIXES, resize: str | None = None, index=True,
+                 index_workers: int | None = None, progress: bool | None = None):
         if frames <= 0 or size <= 0:
             raise ValueError(f"frames and size must be positive, got frames={frames}, size={size}")
         self.value_range = _check_range(value_range)
@@ -120,8 +127,12 @@ class VideoFolderDataset(Dataset):
         self.labels = [lookup[a] if a is not None else -1 for a in actions]
         self.frames, self.size, self.train, self.seed, self.fps = frames, size, train, seed, fps
         self.random_start = random_start
+        self.resizer = FrameResizer(size, resize or ("fast" if train else "exact"))
         self.epoch = 0
-        self._num_frames: dict[int, int] = {}
+        self.index = None
+        if index is not False:
+            cache = default_index_path(source) if index is True else Path(index)
+            self.index = VideoIndex(self.paths, cache=cache, workers=index_workers, progress=progress)
 
     @property
     def num_classes(self) -> int:
@@ -134,25 +145,25 @@ class VideoFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _length(self, index: int) -> int:
-        """Number of frames at the requested rate (cached per item)."""
-        if index not in self._num_frames:
-            info = probe_video(self.paths[index])
-            self._num_frames[index] = len(_frame_indices(_step(info["fps"], self.fps), 0, None, info["num_frames"]))
-        return self._num_frames[index]
+    def _length(self, num_src: int, src_fps: float) -> int:
+        """Number of frames at the requested rate."""
+        return len(_frame_indices(_step(src_fps, self.fps), 0, None, num_src))
 
     def __getitem__(self, index: int) -> dict:
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} videos")
         index = index % len(self)
         g = item_generator(self.seed, self.epoch, index)
-        start = 0
-        if self.random_start:
-            span = max(self._length(index) - self.frames, 0)
-            start = int(torch.randint(0, span + 1, (1,), generator=g))
-        clip = read_video(self.paths[index], frames=self.frames, size=self.size, fps=self.fps, start=start,
-                          value_range=self.value_range)
-        clip = pad_frames(clip, self.frames)  # [3, frames, size, size]
+        info = self.index[index] if self.index is not None else None
+        # NOTE: one decoder thread inside DataLoader workers: the workers already occupy the cores.
+        threads = 1 if get_worker_info() is not None else 0
+        with open_video(self.paths[index], threads=threads, timeline=info.timeline if info else None) as source:
+            start = 0
+            if self.random_start:
+                n = self._length(*((info.num_frames, info.fps) if info else (source.num_frames(), source.fps)))
+                start = int(torch.randint(0, max(n - self.frames, 0) + 1, (1,), generator=g))
+            clip = read_clip(source, self.frames, self.fps, start, self.resizer, self.value_range)  # [3, T, S, S]
+        clip = repeat_last_frame(clip, self.frames)  # [3, frames, size, size]
         flip = bool(torch.rand((), generator=g) < 0.5)  # drawn in both modes so streams match train/eval
         if self.train and flip:
             clip = clip.flip(-1)

@@ -1,4 +1,5 @@
-"""Video files in and out: mp4/mkv/avi/mov/webm through PyAV, GIF and PNG strips through Pillow.
+"""Video files in: :func:`read_video` (a clip), :func:`iter_frames` / :func:`iter_clips` (streams), and
+:func:`probe_video`; mp4/mkv/avi/mov/webm through PyAV, GIF through Pillow. Writing lives in ``writer.py``.
 
 Tensor conventions (the whole package uses them):
 
@@ -7,6 +8,10 @@ Tensor conventions (the whole package uses them):
   ``value_range=(0.0, 1.0)`` for LARP-compatible models, whose data pipeline works in [0, 1];
 * on disk and at the numpy boundary frames are ``uint8 [T, H, W, 3]`` (RGB).
 
+Everything here decodes frame by frame and resizes each frame as it is decoded, so memory is bounded by the
+requested output, never by the file: a clip from a long video costs one keyframe seek plus the frames up to the
+clip (see ``decode.py``), and the streams hold one clip at a time.
+
 PyAV (``pip install 'dera-fast[video]'``) is imported only when an mp4-like file is read or written. Without it,
 :func:`write_video` still writes ``.gif`` and ``.png`` (a strip of frames side by side) and :func:`read_video`
 still reads ``.gif``.
@@ -14,130 +19,21 @@ still reads ``.gif``.
 from __future__ import annotations
 
 import math
-import os
-from fractions import Fraction
-from pathlib import Path
+from collections import deque
+from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-AV_SUFFIXES = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v")
-VIDEO_SUFFIXES = AV_SUFFIXES + (".gif",)
-WRITE_SUFFIXES = AV_SUFFIXES + (".gif", ".png")
-DEFAULT_RANGE = (-1.0, 1.0)
+from .decode import AV_SUFFIXES, VIDEO_SUFFIXES, MissingDependencyError, open_video, require_av
+from .transforms import (DEFAULT_RANGE, FrameResizer, _check_range, frame_to_float, frames_to_clip,
+                         repeat_last_frame, resize_video, uint8_to_video, video_to_uint8)
+from .writer import WRITE_SUFFIXES, VideoWriter, write_png_strip, write_video
 
-
-class MissingDependencyError(ImportError):
-    """An optional dependency is not installed; the message names the pip extra that provides it."""
-
-
-def require_av():
-    """Import PyAV or raise :class:`MissingDependencyError` naming the ``video`` extra."""
-    try:
-        import av
-    except ImportError as e:
-        raise MissingDependencyError(
-            "mp4/mkv/avi/mov/webm video I/O needs PyAV: pip install 'dera-fast[video]' "
-            "(or read/write .gif and .png instead)") from e
-    return av
-
-
-def _require_pil():
-    try:
-        from PIL import Image
-    except ImportError as e:
-        raise MissingDependencyError("GIF/PNG I/O needs Pillow: pip install pillow") from e
-    return Image
-
-
-def _check_readable(path) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"video file not found: {path}")
-    if not path.is_file():
-        raise ValueError(f"not a file: {path}")
-    if path.suffix.lower() not in VIDEO_SUFFIXES:
-        raise ValueError(f"unsupported video file type {path.suffix!r} for {path}; "
-                         f"supported: {', '.join(VIDEO_SUFFIXES)}")
-    return path
-
-
-def _check_range(value_range) -> tuple[float, float]:
-    lo, hi = (float(v) for v in value_range)
-    if not hi > lo:
-        raise ValueError(f"value_range must be (low, high) with high > low, got {value_range}")
-    return lo, hi
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# conversions
-
-
-def uint8_to_video(frames: np.ndarray | torch.Tensor, value_range=DEFAULT_RANGE) -> torch.Tensor:
-    """uint8 frames ``[T, H, W, 3]`` -> float clip ``[3, T, H, W]`` in ``value_range``."""
-    lo, hi = _check_range(value_range)
-    x = torch.as_tensor(frames)
-    if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[-1] != 3:
-        raise ValueError(f"frames must be uint8 [T, H, W, 3], got {x.dtype} {tuple(x.shape)}")
-    x = x.permute(3, 0, 1, 2).float() / 255.0  # [3, T, H, W] in [0, 1]
-    return x * (hi - lo) + lo
-
-
-def video_to_uint8(video: torch.Tensor, value_range=DEFAULT_RANGE) -> np.ndarray:
-    """Float clip ``[3, T, H, W]`` in ``value_range`` (or uint8 ``[T, H, W, 3]``) -> numpy uint8 ``[T, H, W, 3]``.
-
-    Values outside the range are clipped.
-    """
-    if not isinstance(video, torch.Tensor):
-        raise TypeError(f"video must be a torch.Tensor, got {type(video).__name__}")
-    if video.dtype == torch.uint8:
-        if video.dim() != 4 or video.shape[-1] != 3:
-            raise ValueError(f"a uint8 video must be [T, H, W, 3], got {tuple(video.shape)}")
-        return video.cpu().numpy()
-    if not video.is_floating_point():
-        raise TypeError(f"video must be float [3, T, H, W] or uint8 [T, H, W, 3], got {video.dtype}")
-    if video.dim() == 5 and video.shape[0] == 1:
-        video = video[0]
-    if video.dim() != 4 or video.shape[0] != 3:
-        raise ValueError(f"video must be [3, T, H, W] (float), got shape {tuple(video.shape)}")
-    if video.numel() == 0:
-        raise ValueError(f"video must not be empty, got shape {tuple(video.shape)}")
-    lo, hi = _check_range(value_range)
-    x = ((video.detach().float().cpu() - lo) / (hi - lo)).clamp(0, 1)
-    # NOTE: round-to-nearest (not truncation) so that uint8 -> float -> uint8 is the identity.
-    return (x * 255.0).round().to(torch.uint8).permute(1, 2, 3, 0).contiguous().numpy()
-
-
-def resize_video(video: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """Resize a float clip ``[..., H, W]`` (e.g. ``[3, T, H, W]``); only the last two dims are spatial.
-
-    ``size=int``: the short side becomes ``size`` (aspect kept; long side ``int(size * long / short)``, as in
-    torchvision's ``Resize``), then a centre crop to ``size x size`` (LARP's protocol). ``size=(H, W)``: resize to
-    exactly that. Bilinear with antialiasing; triangle weights are non-negative so values stay in range.
-    """
-    h, w = video.shape[-2:]
-    if isinstance(size, int):
-        if size <= 0:
-            raise ValueError(f"size must be positive, got {size}")
-        if h <= w:
-            nh, nw = size, int(size * w / h)
-        else:
-            nh, nw = int(size * h / w), size
-        crop = (size, size)
-    else:
-        nh, nw = (int(s) for s in size)
-        if nh <= 0 or nw <= 0:
-            raise ValueError(f"size must be positive, got {size}")
-        crop = None
-    lead = video.shape[:-2]
-    x = video.reshape(-1, 1, h, w).float()  # [C*T, 1, H, W]
-    if (nh, nw) != (h, w):
-        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
-    if crop is not None:
-        top, left = int(round((nh - crop[0]) / 2.0)), int(round((nw - crop[1]) / 2.0))
-        x = x[..., top:top + crop[0], left:left + crop[1]]
-    return x.reshape(*lead, *x.shape[-2:]).to(video.dtype if video.is_floating_point() else torch.float32)
+__all__ = ["read_video", "iter_frames", "iter_clips", "ClipStream", "probe_video", "write_video", "VideoWriter",
+           "write_png_strip", "resize_video", "repeat_last_frame", "uint8_to_video", "video_to_uint8",
+           "MissingDependencyError", "require_av", "AV_SUFFIXES", "VIDEO_SUFFIXES", "WRITE_SUFFIXES",
+           "DEFAULT_RANGE"]
 
 
 def _frame_indices(step: float, start: int, frames: int | None, num_src: int | None = None) -> list[int]:
@@ -148,113 +44,51 @@ def _frame_indices(step: float, start: int, frames: int | None, num_src: int | N
         stop = int(math.floor((num_src - 1) / step + 1e-6)) + 1
     else:
         stop = start + frames
-    # NOTE: the small epsilon keeps exact multiples (e.g. 30 -> 10 fps) from flooring one frame early.
-    idx = [int(math.floor(k * step + 1e-6)) for k in range(start, stop)]
+    idx = [_src_index(step, k) for k in range(start, stop)]
     return idx if num_src is None else [i for i in idx if i < num_src]
+
+
+def _src_index(step: float, k: int) -> int:
+    # NOTE: the small epsilon keeps exact multiples (e.g. 30 -> 10 fps) from flooring one frame early.
+    return int(math.floor(k * step + 1e-6))
 
 
 def _step(src_fps: float, fps: float | None) -> float:
     return 1.0 if fps is None or src_fps <= 0 else src_fps / fps
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# reading
+def _check_args(frames, start, fps) -> None:
+    if frames is not None and frames <= 0:
+        raise ValueError(f"frames must be positive or None, got {frames}")
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
+    if fps is not None and not (math.isfinite(fps) and fps > 0):
+        raise ValueError(f"fps must be positive and finite or None, got {fps}")
 
 
-def _read_gif(path: Path) -> tuple[np.ndarray, float]:
-    Image = _require_pil()
-    try:
-        with Image.open(path) as im:
-            frames, durations = [], []
-            for i in range(getattr(im, "n_frames", 1)):
-                im.seek(i)
-                frames.append(np.asarray(im.convert("RGB")))
-                durations.append(im.info.get("duration", 0) or 0)
-    except (OSError, ValueError, SyntaxError) as e:
-        raise ValueError(f"could not decode GIF {path}: {e}") from e
-    mean_ms = float(np.mean(durations)) if durations else 0.0
-    return np.stack(frames), (1000.0 / mean_ms if mean_ms > 0 else 10.0)
-
-
-def _av_open(path: Path):
-    av = require_av()
-    try:
-        container = av.open(str(path))
-    except av.error.FFmpegError as e:
-        raise ValueError(f"could not open video {path}: {e}") from e
-    if not container.streams.video:
-        container.close()
-        raise ValueError(f"no video stream in {path}")
-    return av, container
-
-
-def _stream_fps(stream) -> float:
-    rate = stream.average_rate or stream.base_rate or stream.guessed_rate
-    return float(rate) if rate else 0.0
-
-
-def _decode_av(path: Path, start: int = 0, frames: int | None = None, fps: float | None = None):
-    """Decode the RGB frames that :func:`read_video` needs; returns ``({source index: uint8 [H, W, 3]}, indices,
-    source fps)``. With ``frames`` set, decoding stops at the last needed frame and only needed frames are kept."""
-    av, container = _av_open(path)
-    kept, n = {}, 0
-    try:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        src_fps = _stream_fps(stream)
-        wanted = None if frames is None else _frame_indices(_step(src_fps, fps), start, frames)
-        need = None if wanted is None else set(wanted)
-        for frame in container.decode(stream):
-            if need is None or n in need:
-                kept[n] = frame.to_ndarray(format="rgb24")
-            n += 1
-            if wanted is not None and n > wanted[-1]:
-                break
-    except av.error.FFmpegError as e:
-        raise ValueError(f"could not decode video {path}: {e}") from e
-    finally:
-        container.close()
-    if n == 0:
-        raise ValueError(f"no decodable frames in {path}")
-    if wanted is None:
-        wanted = _frame_indices(_step(src_fps, fps), start, None, n)
-    return kept, [i for i in wanted if i < n], src_fps
-
-
-def probe_video(path) -> dict:
-    """Metadata of a video file: ``{"num_frames", "fps", "height", "width"}``.
-
-    The frame count comes from the container when it records one, else from a full decode.
-    """
-    path = _check_readable(path)
-    if path.suffix.lower() == ".gif":
-        frames, fps = _read_gif(path)
-        return {"num_frames": len(frames), "fps": fps, "height": frames.shape[1], "width": frames.shape[2]}
-    av, container = _av_open(path)
-    try:
-        stream = container.streams.video[0]
-        n, fps = int(stream.frames or 0), _stream_fps(stream)
-        h, w = stream.codec_context.height, stream.codec_context.width
-    finally:
-        container.close()
-    if n <= 0 or not h or not w:  # not recorded in the container (e.g. WebM): count by decoding
-        av, container = _av_open(path)
-        try:
-            n = 0
-            for frame in container.decode(container.streams.video[0]):
-                n, h, w = n + 1, frame.height, frame.width
-        except av.error.FFmpegError as e:
-            raise ValueError(f"could not decode video {path}: {e}") from e
-        finally:
-            container.close()
-        if n == 0:
-            raise ValueError(f"no decodable frames in {path}")
-    return {"num_frames": n, "fps": fps, "height": int(h), "width": int(w)}
+def _selected(source, step: float, start: int, frames: int | None, resizer: FrameResizer):
+    """``(output index, converted frame)`` for output frames ``start, start+1, ...`` (``frames`` of them, or to the
+    end): output ``k`` is source frame ``floor(k * step)``. A source frame is converted once, even when repeated
+    (``fps`` above the native rate), and not at all when skipped."""
+    k = start
+    first = _src_index(step, start)
+    last = None if frames is None else _src_index(step, start + frames - 1)
+    for n, frame in source.decode(first, last):
+        converted = None
+        while _src_index(step, k) == n and (frames is None or k < start + frames):
+            if converted is None:
+                converted = resizer(frame)
+            yield k, converted
+            k += 1
 
 
 def read_video(path, frames: int | None = None, size: int | tuple[int, int] | None = None,
-               fps: float | None = None, start: int = 0, *, value_range=DEFAULT_RANGE) -> torch.Tensor:
+               fps: float | None = None, start: int = 0, *, value_range=DEFAULT_RANGE, resize: str = "exact",
+               threads: int = 0, timeline: np.ndarray | None = None) -> torch.Tensor:
     """Read a video file into a float clip ``[3, T, H, W]`` with values in ``value_range`` (default [-1, 1]).
+
+    The file is opened once; frames before ``start`` are reached by a keyframe seek (frames are identified by
+    their timestamps, so the result equals a full decode's frames), and each frame is resized as it is decoded.
 
     Args:
         path: ``.mp4``/``.mkv``/``.avi``/``.mov``/``.webm`` (PyAV, the ``video`` extra) or ``.gif`` (Pillow).
@@ -266,122 +100,136 @@ def read_video(path, frames: int | None = None, size: int | tuple[int, int] | No
             (``None``: native rate, every frame).
         start: index of the first returned frame, counted at the output rate.
         value_range: ``(low, high)`` of the returned pixel values.
+        resize: ``"exact"`` (torch antialiased bilinear on RGB: the evaluation protocol) or ``"fast"`` (swscale in
+            the decoder, before the RGB conversion: for training; about 45 dB from ``"exact"``).
+        threads: decoder threads (0: FFmpeg's choice; 1 inside DataLoader workers).
+        timeline: the file's frame timestamps from a dataset index (:class:`dera_fast.data.VideoIndex`); saves
+            the demux pass that a seek otherwise needs.
 
     Raises:
         FileNotFoundError: the file does not exist.
         ValueError: unsupported suffix, undecodable file, ``start`` past the end, bad arguments.
         MissingDependencyError: PyAV is needed and not installed.
     """
-    if frames is not None and frames <= 0:
-        raise ValueError(f"frames must be positive or None, got {frames}")
-    if start < 0:
-        raise ValueError(f"start must be >= 0, got {start}")
-    if fps is not None and fps <= 0:
-        raise ValueError(f"fps must be positive or None, got {fps}")
+    _check_args(frames, start, fps)
     lo, hi = _check_range(value_range)
-    path = _check_readable(path)
-    if path.suffix.lower() == ".gif":
-        all_frames, src_fps = _read_gif(path)
-        idx = _frame_indices(_step(src_fps, fps), start, frames, len(all_frames))
-    else:
-        all_frames, idx, src_fps = _decode_av(path, start, frames, fps)
-    if not idx:
-        raise ValueError(f"start={start} is past the end of {path} at the requested frame rate")
-    clip = uint8_to_video(np.stack([all_frames[i] for i in idx]), value_range=(0.0, 1.0))  # [3, T, H, W]
-    if size is not None:
-        clip = resize_video(clip, size).clamp_(0.0, 1.0)
-    return clip * (hi - lo) + lo
+    resizer = FrameResizer(size, resize)
+    with open_video(path, threads=threads, timeline=timeline) as source:
+        return read_clip(source, frames, fps, start, resizer, (lo, hi))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# writing
+def read_clip(source, frames: int | None, fps: float | None, start: int, resizer: FrameResizer,
+              value_range=DEFAULT_RANGE) -> torch.Tensor:
+    """:func:`read_video` on an open source (``decode.open_video``): float ``[3, T, H, W]`` in ``value_range``."""
+    out = [f for _, f in _selected(source, _step(source.fps, fps), start, frames, resizer)]
+    if not out:
+        raise ValueError(f"no decodable frames in {source.path}" if start == 0 else
+                         f"start={start} is past the end of {source.path} at the requested frame rate")
+    return frames_to_clip(out, value_range)
 
 
-def _pad_even(frames: np.ndarray) -> np.ndarray:
-    """Pad ``[T, H, W, 3]`` by edge replication to even H and W (libx264 with yuv420p needs even sizes)."""
-    t, h, w, _ = frames.shape
-    ph, pw = h % 2, w % 2
-    if ph or pw:
-        frames = np.pad(frames, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="edge")
-    return frames
+def iter_frames(path, size: int | tuple[int, int] | None = None, fps: float | None = None, start: int = 0,
+                frames: int | None = None, *, value_range=DEFAULT_RANGE, resize: str = "exact",
+                threads: int = 0) -> Iterator[torch.Tensor]:
+    """Yield the frames :func:`read_video` would return, one float ``[3, H, W]`` at a time, decoding as it goes."""
+    _check_args(frames, start, fps)
+    lo, hi = _check_range(value_range)
+    resizer = FrameResizer(size, resize)
+    with open_video(path, threads=threads) as source:
+        for _, f in _selected(source, _step(source.fps, fps), start, frames, resizer):
+            yield frame_to_float(f) * (hi - lo) + lo
 
 
-def _write_av(path: Path, frames: np.ndarray, fps: float, crf: int) -> None:
-    av = require_av()
-    frames = _pad_even(frames)
-    rate = Fraction(fps).limit_denominator(1001)
-    with av.open(str(path), mode="w") as container:
-        # NOTE: WebM cannot hold H.264; VP9 with crf and b:v=0 is its constant-quality mode.
-        codec = "libvpx-vp9" if path.suffix.lower() == ".webm" else "libx264"
-        stream = container.add_stream(codec, rate=rate)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf), **({"b:v": "0"} if codec == "libvpx-vp9" else {})}
-        for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():  # flush the encoder
-            container.mux(packet)
+class ClipStream:
+    """Clips of ``clip_len`` frames from a video file, yielded as they fill (see :func:`iter_clips`).
 
-
-def _write_gif(path: Path, frames: np.ndarray, fps: float) -> None:
-    Image = _require_pil()
-    images = [Image.fromarray(f) for f in frames]
-    # GIF stores durations in 10 ms units; Pillow rounds.
-    images[0].save(path, save_all=True, append_images=images[1:], duration=max(10, round(1000.0 / fps)),
-                   loop=0, optimize=False)
-
-
-def write_png_strip(path, video, *, every: int = 1, value_range=DEFAULT_RANGE) -> Path:
-    """Write every ``every``-th frame of ``video`` side by side into one PNG (width ``ceil(T/every) * W``).
-
-    ``video``: float ``[3, T, H, W]`` in ``value_range`` or uint8 ``[T, H, W, 3]``.
+    Attributes (valid once created): ``fps`` (the output frame rate), ``expected_frames`` (output frames per the
+    container's count, ``None`` when it records none); while iterating: ``frames_read`` (output frames decoded so
+    far) and ``padded`` (True when the whole video was shorter than one clip and its clip was padded).
     """
-    if every <= 0:
-        raise ValueError(f"every must be positive, got {every}")
-    Image = _require_pil()
-    frames = video_to_uint8(video, value_range)[::every]  # [T', H, W, 3]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(list(frames), axis=1)).save(path)  # [H, T'*W, 3]
-    return path
 
+    def __init__(self, path, clip_len: int, stride: int | None = None, size: int | tuple[int, int] | None = None,
+                 fps: float | None = None, value_range=DEFAULT_RANGE, *, resize: str = "exact", pad: bool = True,
+                 threads: int = 0):
+        if int(clip_len) <= 0:
+            raise ValueError(f"clip_len must be positive, got {clip_len}")
+        stride = clip_len if stride is None else stride
+        if int(stride) <= 0:
+            raise ValueError(f"stride must be positive, got {stride}")
+        _check_args(None, 0, fps)
+        self.clip_len, self.stride, self.pad = int(clip_len), int(stride), pad
+        self.lo, self.hi = _check_range(value_range)
+        self._resizer = FrameResizer(size, resize)
+        self._source = open_video(path, threads=threads)  # opened now: a bad file fails before any output exists
+        self._step = _step(self._source.fps, fps)
+        self.fps = fps or self._source.fps or None
+        n = self._source.recorded_frames
+        self.expected_frames = (len(_frame_indices(self._step, 0, None, n)) if n > 0 else None)
+        self.frames_read, self.padded = 0, False
+        self._started = False
 
-def write_video(path, video, fps: float = 8.0, *, value_range=DEFAULT_RANGE, crf: int = 18,
-                png_every: int | None = None) -> Path:
-    """Write a clip to ``path``; the suffix picks the format.
+    def close(self) -> None:
+        self._source.close()
 
-    * ``.mp4``/``.mkv``/``.avi``/``.mov``/``.m4v``: H.264 (libx264, yuv420p, ``crf``) through PyAV; ``.webm``: VP9.
-      Odd heights/widths are padded by one replicated row/column, because yuv420p needs even sizes.
-    * ``.gif``: Pillow, 256-colour palette, looping (works without PyAV).
-    * ``.png``: every ``png_every``-th frame side by side in one image (default: at most 8 frames, i.e. every
-      ``ceil(T / 8)``-th), the easiest format to view in a review or an issue (works without PyAV).
+    def __enter__(self):
+        return self
 
-    Args:
-        video: float ``[3, T, H, W]`` (or ``[1, 3, T, H, W]``) with values in ``value_range`` (clipped), or
-            uint8 ``[T, H, W, 3]``.
-        fps: frame rate (> 0).
-    Returns:
-        the path written. Parent folders are created.
-    """
-    if not fps or fps <= 0:
-        raise ValueError(f"fps must be positive, got {fps}")
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in WRITE_SUFFIXES:
-        raise ValueError(f"unsupported output type {path.suffix!r} for {path}; supported: {', '.join(WRITE_SUFFIXES)}")
-    if suffix == ".png":
-        t = video.shape[0] if video.dtype == torch.uint8 else video.shape[-3]
-        return write_png_strip(path, video, every=png_every or -(-t // 8), value_range=value_range)
-    frames = video_to_uint8(video, value_range)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if suffix == ".gif":
-        _write_gif(path, frames, fps)
-    else:
-        tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    def __exit__(self, *exc):
+        self.close()
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        if self._started:
+            raise ValueError("a ClipStream can be iterated once")
+        self._started = True
         try:
-            _write_av(tmp, frames, float(fps), crf)
-            os.replace(tmp, path)  # NOTE: atomic, so a crash never leaves a truncated video under the real name
+            yield from self._clips()
         finally:
-            tmp.unlink(missing_ok=True)
-    return path
+            self.close()
+
+    def _clip(self, frames) -> torch.Tensor:
+        return torch.stack(list(frames), dim=1) * (self.hi - self.lo) + self.lo  # [3, T, H, W]
+
+    def _clips(self):
+        window: deque = deque(maxlen=self.clip_len)
+        next_start, emitted = 0, 0
+        for k, f in _selected(self._source, self._step, 0, None, self._resizer):
+            self.frames_read = k + 1
+            if k < next_start:  # between clips (stride > clip_len): not needed
+                continue
+            window.append(frame_to_float(f))
+            if k - next_start + 1 == self.clip_len:
+                yield self._clip(window)
+                emitted += 1
+                next_start += self.stride
+                while window and len(window) > self.clip_len - self.stride:  # keep only the overlap
+                    window.popleft()
+        if emitted == 0 and window and self.pad:  # shorter than one clip: LARP's last-frame padding
+            self.padded = True
+            yield repeat_last_frame(self._clip(window), self.clip_len)
+
+
+def iter_clips(path, clip_len: int, stride: int | None = None, size: int | tuple[int, int] | None = None,
+               fps: float | None = None, value_range=DEFAULT_RANGE, *, resize: str = "exact", pad: bool = True,
+               threads: int = 0) -> ClipStream:
+    """Stream a video as clips: float ``[3, clip_len, H, W]`` in ``value_range``, starting at output frames
+    ``0, stride, 2 * stride, ...``; only the frames of the current clip are held.
+
+    Trailing frames that fill no clip are dropped; a video shorter than one clip yields one clip padded by repeating
+    its last frame (LARP's rule; ``pad=False`` yields nothing instead). ``size``, ``fps``, ``resize`` and
+    ``threads`` are as in :func:`read_video`. The file is opened (and checked) at once.
+    """
+    return ClipStream(path, clip_len, stride, size, fps, value_range, resize=resize, pad=pad, threads=threads)
+
+
+def probe_video(path) -> dict:
+    """Metadata of a video file: ``{"num_frames", "fps", "height", "width"}``.
+
+    The frame count is the number of frames a full decode returns: the number of presentation timestamps (one
+    demux pass, no decoding) where the container stores them, else the container's count, else by decoding.
+    """
+    with open_video(path) as source:
+        n = source.num_frames()
+        if n == 0:
+            raise ValueError(f"no decodable frames in {path}")
+        h, w = source.size()
+        return {"num_frames": n, "fps": source.fps, "height": h, "width": w}

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .datasets import item_generator
-from .io import DEFAULT_RANGE, MissingDependencyError, _av_open, _check_range
+from .decode import MissingDependencyError, VideoSource
+from .transforms import DEFAULT_RANGE, FrameResizer, _check_range
 
 SAMPLE_VIDEOS = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")
 
@@ -53,18 +54,11 @@ def sample_videos() -> dict[str, Path]:
 def decode_small(path: str | Path, short_side: int) -> torch.Tensor:
     """Every frame of ``path`` as uint8 ``[T, H, W, 3]`` with the short side resized to ``short_side`` in the decoder
     (area filter, so no aliasing), cached: the sample clips are small once downscaled."""
-    _, container = _av_open(Path(path))
-    frames = []
-    try:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        for frame in container.decode(stream):
-            h, w = frame.height, frame.width
-            scale = short_side / min(h, w)
-            nh, nw = max(short_side, round(h * scale)), max(short_side, round(w * scale))
-            frames.append(frame.reformat(width=nw, height=nh, format="rgb24", interpolation="AREA").to_ndarray())
-    finally:
-        container.close()
+    with VideoSource(Path(path)) as source:
+        h, w = source.height, source.width
+        scale = short_side / min(h, w)
+        resizer = FrameResizer((max(short_side, round(h * scale)), max(short_side, round(w * scale))), "area")
+        frames = [resizer(frame) for _, frame in source.decode()]
     if not frames:
         raise ValueError(f"no decodable frames in {path}")
     return torch.from_numpy(np.stack(frames))

@@ -19,8 +19,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from dera_fast._progress import progress_bar
 from dera_fast.metrics import FeatureStats, frechet_distance
 
 from . import protocol as P
@@ -64,7 +64,7 @@ def check_pair(generator, tokenizer) -> None:
 def evaluate_generator(generator, tokenizer, data, *, i3d, root=None, num_samples: int | None = None,
                        cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                        context_frames: int = 5, fp_size: int | None = 64, batch_size: int = 32, seed: int = 42,
-                       compile: bool = False, workers: int = 0, cache_dir=None, progress: bool = True, info=None,
+                       compile: bool = False, workers: int = 0, cache_dir=None, progress: bool | None = None, info=None,
                        model_paths: dict | None = None) -> dict:
     """gFVD (class-conditional) or FP FVD (frame prediction) of ``generator`` decoded by ``tokenizer``.
 
@@ -147,9 +147,9 @@ def evaluate_generator(generator, tokenizer, data, *, i3d, root=None, num_sample
     real, fake = FeatureStats(), FeatureStats()
     labels_all = torch.full((num_samples,), -1, dtype=torch.int64)
     gen_tokens, gen_s = 0.0, 0.0
-    bar = tqdm(total=sum(len(p) for _, p in batches), unit="clip",
-               unit_scale=info.world_size if info.distributed else False,  # ~ all ranks' clips
-               desc="eval generator", disable=not (progress and info.is_main), dynamic_ncols=True)
+    bar = progress_bar(total=sum(len(p) for _, p in batches), unit="clip",
+                       unit_scale=info.world_size if info.distributed else False,  # ~ all ranks' clips
+                       desc="eval generator", progress=progress if info.is_main else False)
     sampling = dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size,
                     compile=compile, progress=False)
     sync(device)

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from dera_fast import metrics
+from dera_fast._progress import progress_bar
 from dera_fast.metrics import CodebookCounter, FeatureStats, frechet_distance
 
 from . import protocol as P
@@ -78,7 +78,7 @@ def _per_video_lpips(net, x01: torch.Tensor, r01: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_tokenizer(model, data, *, i3d, root=None, lpips_vgg=None, lpips_heads=None,
                        num_videos: int | None = None, batch_size: int = 8, seed: int = 0, workers: int = 0,
-                       cache_dir=None, progress: bool = True, info=None, model_path=None) -> dict:
+                       cache_dir=None, progress: bool | None = None, info=None, model_path=None) -> dict:
     """Reconstruction metrics (PSNR, SSIM, LPIPS, rFVD, codebook usage) of ``model`` on ``data``.
 
     Args:
@@ -91,6 +91,7 @@ def evaluate_tokenizer(model, data, *, i3d, root=None, lpips_vgg=None, lpips_hea
         batch_size: clips per global batch (each rank runs whole global batches).
         seed: clip start frames and the subset.
         cache_dir: where the real-clip I3D statistics are cached / reused (None: no cache).
+        progress: a progress bar on rank 0 (None: the package setting, ``dera_fast.set_progress_bar_config``).
         info: a ``DistInfo`` when running under torchrun (default: one process on the model's device).
         model_path: the folder the model came from (recorded with the sha256 of its weights).
     Returns:
@@ -136,9 +137,9 @@ def evaluate_tokenizer(model, data, *, i3d, root=None, lpips_vgg=None, lpips_hea
     counter = CodebookCounter(model.codebook_size)
     real, fake = FeatureStats(), FeatureStats()
     rows, psnr_sum, n_local, model_s = [], 0.0, 0, 0.0
-    bar = tqdm(total=sum(len(p) for _, p in batches), unit="clip",
-               unit_scale=info.world_size if info.distributed else False,  # ~ all ranks' clips
-               desc="eval tokenizer", disable=not (progress and info.is_main), dynamic_ncols=True)
+    bar = progress_bar(total=sum(len(p) for _, p in batches), unit="clip",
+                       unit_scale=info.world_size if info.distributed else False,  # ~ all ranks' clips
+                       desc="eval tokenizer", progress=progress if info.is_main else False)
     sync(device)
     t_start = time.perf_counter()
     for batch in loader:

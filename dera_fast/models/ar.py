@@ -13,8 +13,8 @@ the static cache with a position mask (see :meth:`Attention.forward`). ``generat
 """
 from __future__ import annotations
 
-import json
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from .._config import PresetConfig
-from ..ops._checks import check_index_range
+from ..ops._checks import check_index_range, values_checked
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -34,10 +34,11 @@ def find_multiple(n: int, k: int) -> int:
 PRESETS: dict[str, dict[str, Any]] = {
     # SPEC.md §7.2 tiny CPU configuration.
     "tiny": dict(dim=64, n_layer=2, n_head=4, vocab_size=64, num_classes=5, max_seq_len=16, multiple_of=32),
-    # LARP's llama-abs presets (models/larp_ar.py); parameter counts for vocab 8192 in SPEC.md §4.1.
-    "B": dict(dim=768, n_layer=12, n_head=12),
-    "L": dict(dim=1024, n_layer=24, n_head=16),
-    "LP": dict(dim=1280, n_layer=30, n_head=20),
+    # LARP's llama-abs presets (models/larp_ar.py). Parameters counted here at vocab 8192 (codebook), 1024 tokens,
+    # 101 classes / frame prediction; the papers' labels are LlamaGen's counts at vocab 16384 (+16.8M for L).
+    "B": dict(dim=768, n_layer=12, n_head=12),        # 98.4M / 99.1M ("111M")
+    "L": dict(dim=1024, n_layer=24, n_head=16),       # 326.3M / 327.2M ("343M"): DeRA's generator, LARP Table 1
+    "LP": dict(dim=1280, n_layer=30, n_head=20),      # 632.0M / 633.2M ("632M"): LARP's released generators
 }
 
 
@@ -45,6 +46,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 class GeneratorConfig(PresetConfig):
     """Hyper-parameters of :class:`ARGenerator` (LARP ``ModelArgs`` names where they exist)."""
     _kind = "GeneratorConfig"
+    _positive = ("dim", "n_layer", "n_head", "vocab_size", "num_classes", "max_seq_len", "cls_token_num",
+                 "multiple_of", "norm_eps")
+    _non_negative = ("class_dropout_prob", "token_dropout_p", "resid_dropout_p", "ffn_dropout_p", "initializer_range")
 
     dim: int = 1280
     n_layer: int = 30
@@ -196,6 +200,16 @@ class Block(nn.Module):
         return h + self.mlp(self.mlp_norm(h))
 
 
+def _is_int_tensor(x) -> bool:
+    return isinstance(x, Tensor) and not (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool)
+
+
+def _describe(x) -> str:
+    if isinstance(x, Tensor):
+        return f"{str(x.dtype).removeprefix('torch.')} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__
+
+
 class ARGenerator(nn.Module):
     """LARP_AR ("llama-abs"): RMSNorm, SwiGLU, fused bias-free QKV, learned absolute PE, zero-init head.
 
@@ -214,6 +228,8 @@ class ARGenerator(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # Decode steps dera_fast.generate built for this model (compiled code and its warm-up record); not state.
+        self.decode_steps: dict[tuple, Any] = {}
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -227,24 +243,36 @@ class ARGenerator(nn.Module):
     # ---------------------------------------------------------------------------------------------------------
     # conditioning
     # ---------------------------------------------------------------------------------------------------------
-    def check_cond(self, class_labels: Tensor | None, context_ids: Tensor | None) -> None:
-        """Raise ValueError for a missing, extra or out-of-range condition (eager, before any loop)."""
-        cfg = self.config
-        if cfg.frame_prediction:
+    def check_cond(self, class_labels: Tensor | None, context_ids: Tensor | None, *, null_class: bool = True) -> None:
+        """Raise ValueError for a missing, extra, malformed or out-of-range condition (eager, before any loop).
+
+        The one place a condition is checked (:meth:`forward`, :meth:`loss`, :func:`dera_fast.generate.generate`).
+        class_labels: int [B] in [0, num_classes), or up to num_classes itself with ``null_class`` (the null class
+        that class dropout and guidance feed). context_ids: int [B, context_len] in [0, vocab_size), exactly that
+        long. Range checks follow :func:`dera_fast.ops.value_checks`.
+        """
+        config = self.config
+        if config.frame_prediction:
             if context_ids is None or class_labels is not None:
                 raise ValueError("a frame-prediction model needs context_ids (and no class_labels)")
-            if context_ids.dim() != 2 or context_ids.shape[1] != cfg.context_len:
-                raise ValueError(f"context_ids must be [B, {cfg.context_len}] (the context clip's tokens, LARP "
-                                 f"protocol: first frames repeated to full length; SEP is appended here), got "
-                                 f"{tuple(context_ids.shape)}; max length is {cfg.context_len}")
-            check_index_range("context_ids", context_ids, cfg.vocab_size)
+            length = config.context_len
+            if _is_int_tensor(context_ids) and context_ids.dim() == 2 and context_ids.shape[1] > length:
+                raise ValueError(f"context_ids has {context_ids.shape[1]} tokens, longer than the model's maximum "
+                                 f"context of {length} (cls_token_num - 1; SEP is appended here)")
+            if not _is_int_tensor(context_ids) or context_ids.dim() != 2 or context_ids.shape[1] != length:
+                raise ValueError(f"context_ids must be an int tensor [B, {length}]: exactly the context clip's "
+                                 f"{length} tokens (LARP protocol: first frames repeated to full length; SEP is "
+                                 f"appended here), got {_describe(context_ids)}")
+            check_index_range("context_ids", context_ids, config.vocab_size)
         else:
             if class_labels is None or context_ids is not None:
                 raise ValueError("a class-conditional model needs class_labels (and no context_ids)")
-            if class_labels.dim() != 1:
-                raise ValueError(f"class_labels must be [B], got {tuple(class_labels.shape)}")
-            # num_classes itself is the null class: allowed (it is what CFG feeds).
-            check_index_range("class_labels", class_labels, cfg.num_classes + 1)
+            if not _is_int_tensor(class_labels) or class_labels.dim() != 1 or class_labels.numel() == 0:
+                raise ValueError(f"class_labels must be a non-empty int tensor [B], got {_describe(class_labels)}")
+            high = config.num_classes + int(null_class)
+            bad = class_labels[(class_labels < 0) | (class_labels >= high)] if values_checked(class_labels) else None
+            if bad is not None and bad.numel():
+                raise ValueError(f"class id {int(bad[0])} out of range [0, {high})")
 
     def embed_cond(self, class_labels: Tensor | None = None, context_ids: Tensor | None = None) -> Tensor:
         """The conditioning embeddings [B, cls_token_num, dim] (before the position embedding)."""
@@ -327,6 +355,7 @@ class ARGenerator(nn.Module):
 
     def generate(self, **kwargs):
         """Shortcut for :func:`dera_fast.generate.generate` (same keyword arguments, same GenerateOutput)."""
+        # NOTE: imported on use: the sampler takes the model, so this module never imports it at load time.
         from ..generate import generate
 
         return generate(self, **kwargs)
@@ -334,38 +363,30 @@ class ARGenerator(nn.Module):
     # ---------------------------------------------------------------------------------------------------------
     # checkpoints
     # ---------------------------------------------------------------------------------------------------------
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write ``config.json`` + ``model.safetensors`` (config also in the safetensors metadata)."""
-        from safetensors.torch import save_file
+    model_type = "ar_generator"
 
-        from .. import __version__
+    def save_pretrained(self, path: str | os.PathLike, *, tokenizer: dict | None = None,
+                        files: dict[str, str] | None = None) -> None:
+        """Write ``config.json`` + ``model.safetensors`` atomically (:mod:`dera_fast.models.pretrained` format).
 
-        os.makedirs(path, exist_ok=True)
-        cfg_json = json.dumps(self.config.to_dict(), indent=2)
-        with open(os.path.join(path, "config.json"), "w") as f:
-            f.write(cfg_json)
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, os.path.join(path, "model.safetensors"), metadata={
-            "format": "pt", "dera_fast.version": __version__, "dera_fast.kind": "generator",
-            "dera_fast.config": cfg_json})
+        Args:
+            tokenizer: provenance of the tokens it was trained on (``{"model_type", "tokens_per_clip",
+                "codebook_size", "config_hash"}``), recorded in config.json and checked by ``dera_fast generate``.
+            files: extra text files for the folder (name -> text), e.g. ``classes.json``.
+        """
+        from .pretrained import save_pretrained
+
+        save_pretrained(path, model_type=self.model_type, config=self.config.to_dict(), state_dict=self.state_dict(),
+                        extra={"tokenizer": tokenizer} if tokenizer else None, files=files)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "ARGenerator":
-        """Load a directory written by :meth:`save_pretrained` (or a single self-describing .safetensors)."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
+    def from_pretrained(cls, path: str | os.PathLike, *args, device: str | torch.device = "cpu") -> "ARGenerator":
+        """Load a folder written by :meth:`save_pretrained` (also the bare-config folders of dera_fast <= 0.1) or a
+        single self-describing .safetensors; eval mode, on ``device``."""
+        from .pretrained import load_pretrained
 
-        file = path if str(path).endswith(".safetensors") else os.path.join(path, "model.safetensors")
-        cfg_file = os.path.join(os.path.dirname(file), "config.json")
-        if os.path.isfile(cfg_file):
-            with open(cfg_file) as f:
-                cfg = json.load(f)
-        else:
-            with safe_open(file, "pt") as f:
-                meta = f.metadata() or {}
-            if "dera_fast.config" not in meta:
-                raise ValueError(f"{file}: no config.json beside it and no dera_fast.config metadata")
-            cfg = json.loads(meta["dera_fast.config"])
-        model = cls(GeneratorConfig.from_dict(cfg))
-        model.load_state_dict(load_file(file, device=str(device)))
-        return model.to(device)
+        if args:  # the old positional form from_pretrained(path, device)
+            warnings.warn("ARGenerator.from_pretrained(path, device): pass device= as a keyword", FutureWarning,
+                          stacklevel=2)
+            (device,) = args
+        return load_pretrained(cls, path, config_cls=GeneratorConfig, device=device)

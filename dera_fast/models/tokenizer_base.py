@@ -6,26 +6,23 @@ Inputs and outputs are in ``config.pixel_range`` (no rescaling inside: LARP chec
 from __future__ import annotations
 
 import abc
-import json
 import os
-import re
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from dera_fast._progress import progress_bar
 from dera_fast.ops._checks import check_finite, check_index_range, values_checked
 
 from .blocks import InContextTransformer, xavier_init_linears
 from .config import TokenizerConfig
 from .embed import sincos_1d, sincos_3d, unpatchify
+# FORMAT_VERSION, rename_key, load_state_dict_strict: re-exported for the modules that import them from here
+from .pretrained import FORMAT_VERSION, load_state_dict_strict, rename_key  # noqa: F401
+from .pretrained import load_pretrained, save_pretrained
 from .prior import GPTCPrior, prior_loss, ss_ratio
 from .quantizer import VectorQuantizer
-
-FORMAT_VERSION = 1
 
 
 class OutputLayer(nn.Module):
@@ -149,6 +146,8 @@ class TokenizerBase(nn.Module, abc.ABC):
         recon = self._decode_latents(vq.quantized)
         out = {"ids": vq.ids, "codes": vq.codes, "latents": z, "loss_q": vq.losses["vq"],
                "loss_commit": vq.losses["commitment"], "loss_codebook": vq.losses["codebook"], **aux}
+        if "entropy" in vq.losses:  # the quantizer's optional entropy loss (already inside loss_q)
+            out["loss_entropy"] = vq.losses["entropy"]
         if self.prior is not None and self.training:
             ratio = ss_ratio(step, max_steps, max_ratio=cfg.prior_ss_max_ratio,
                              peak_fraction=cfg.prior_ss_peak_fraction)
@@ -179,7 +178,7 @@ class TokenizerBase(nn.Module, abc.ABC):
 
     @torch.no_grad()
     def encode_video(self, video: Tensor, clip_len: int | None = None, stride: int | None = None,
-                     batch_size: int = 8, progress: bool = True) -> Tensor:
+                     batch_size: int = 8, progress: bool | None = None) -> Tensor:
         """Tokenize a long video clip by clip, batch_size clips at a time, moving ids to the CPU per chunk.
 
         Args:
@@ -189,9 +188,11 @@ class TokenizerBase(nn.Module, abc.ABC):
                 frames that do not fill a clip are dropped; a video shorter than one clip is padded by
                 repeating its last frame (LARP's data pipeline rule).
             batch_size: clips per encoder call.
-            progress: show a tqdm bar.
+            progress: show a progress bar (None: the package setting, ``dera_fast.set_progress_bar_config``).
         Returns:
             int64 [N_clips, L] on the CPU.
+
+        For a video file, :meth:`encode_stream` over ``dera_fast.data.iter_clips`` never holds the whole video.
         """
         clip_len = self.frames_per_clip if clip_len is None else clip_len
         if clip_len != self.frames_per_clip:
@@ -207,12 +208,45 @@ class TokenizerBase(nn.Module, abc.ABC):
             video = torch.cat([video, video[:, -1:].expand(-1, clip_len - t, -1, -1)], dim=1)
             t = clip_len
         starts = list(range(0, t - clip_len + 1, stride))
-        device = self.decoder_query_pe.device
-        out = []
-        for i in tqdm(range(0, len(starts), batch_size), disable=not progress, desc="encode_video", unit="chunk"):
-            clips = torch.stack([video[:, s:s + clip_len] for s in starts[i:i + batch_size]])  # [b, C, T, H, W]
-            out.append(self.encode(clips.to(device)).cpu())
-        return torch.cat(out)
+        clips = [video[:, s:s + clip_len] for s in starts]  # views, no copies
+        return torch.cat([ids for _, ids in self.encode_stream(clips, batch_size, progress=progress)])
+
+    def encode_stream(self, clips, batch_size: int = 8, *, progress: bool | None = None):
+        """Tokenize clips as they arrive, ``batch_size`` at a time: memory stays flat however long the stream.
+
+        Args:
+            clips: an iterable of [C, T, H, W] clips in config.pixel_range with T == frames_per_clip, e.g.
+                ``dera_fast.data.iter_clips(path, model.frames_per_clip, size=model.config.size,
+                value_range=model.config.pixel_range)``. They are moved to the model's device and dtype per batch.
+            batch_size: clips per encoder call.
+            progress: a progress bar over the clips (None: the package setting, ``dera_fast.set_progress_bar_config``).
+        Yields:
+            ``(batch [b, C, T, H, W] as given, ids int64 [b, L] on the CPU)`` per batch of b <= batch_size clips,
+            so a caller can compare or decode each batch and let it go.
+        """
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        pending: list[Tensor] = []
+        bar = progress_bar(total=len(clips) if hasattr(clips, "__len__") else None, progress=progress,
+                           desc="encode", unit="clip")
+
+        def flush():
+            batch = torch.stack(pending)  # [b, C, T, H, W]
+            pending.clear()
+            ids = self.encode(batch).cpu()  # encode moves the batch to the model's device and dtype
+            bar.update(batch.shape[0])
+            return batch, ids
+
+        with bar:
+            for clip in clips:
+                if not isinstance(clip, Tensor) or clip.dim() != 4 or clip.shape[1] != self.frames_per_clip:
+                    raise ValueError(f"clips must be [C, {self.frames_per_clip}, H, W] tensors, got "
+                                     f"{tuple(clip.shape) if isinstance(clip, Tensor) else type(clip).__name__}")
+                pending.append(clip)
+                if len(pending) == batch_size:
+                    yield flush()
+            if pending:
+                yield flush()
 
     @property
     def tokens_per_clip(self) -> int:
@@ -238,63 +272,15 @@ class TokenizerBase(nn.Module, abc.ABC):
 
     # ------------------------------------------------------------------ checkpoints
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write config.json and model.safetensors (config repeated in the safetensors metadata)."""
-        os.makedirs(directory, exist_ok=True)
-        from dera_fast import __version__
-        header = {"model_type": self.model_type, "format_version": FORMAT_VERSION, "dera_fast_version": __version__,
-                  "config": self.config.to_dict()}
-        with open(os.path.join(directory, "config.json"), "w") as f:
-            json.dump(header, f, indent=2)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        meta = {"format": "pt", "dera_fast.kind": "tokenizer", "dera_fast.model_type": self.model_type,
-                "dera_fast.config": json.dumps(header["config"]), "dera_fast.version": __version__}
-        save_file(state, os.path.join(directory, "model.safetensors"), metadata=meta)
+        """Write config.json and model.safetensors atomically (:mod:`dera_fast.models.pretrained` format; the
+        config is repeated in the safetensors metadata)."""
+        save_pretrained(directory, model_type=self.model_type, config=self.config.to_dict(),
+                        state_dict=self.state_dict())
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu"):
         """Load a save_pretrained directory, or a lone model.safetensors (config read from its metadata).
 
-        Safetensors only, never pickle. Returns the model in eval mode (deterministic argmax VQ).
+        Safetensors only, never pickle. Returns the model in eval mode (deterministic argmax VQ) on ``device``.
         """
-        if os.path.isfile(path):  # single self-describing file
-            w_path = str(path)
-            with safe_open(w_path, "pt") as f:
-                meta = f.metadata() or {}
-            if "dera_fast.config" not in meta:
-                raise ValueError(f"{w_path} has no dera_fast.config metadata (not written by save_pretrained)")
-            model_type, config = meta.get("dera_fast.model_type"), json.loads(meta["dera_fast.config"])
-        else:
-            cfg_path, w_path = os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
-            for p in (cfg_path, w_path):
-                if not os.path.isfile(p):
-                    raise FileNotFoundError(f"{p} not found (expected a directory written by save_pretrained)")
-            with open(cfg_path) as f:
-                header = json.load(f)
-            model_type, config = header.get("model_type"), header["config"]
-        if model_type != cls.model_type:
-            raise ValueError(f"{path} holds a {model_type!r} tokenizer, not {cls.model_type!r}; "
-                             f"load it with the matching class")
-        model = cls(TokenizerConfig.from_dict(config))
-        load_state_dict_strict(model, load_file(w_path, device=str(device)), source=w_path)
-        return model.to(device).eval()
-
-
-def rename_key(key: str, rules: list[tuple[str, str]]) -> str | None:
-    """Apply the first (regex, template) rule that fully matches ``key``; None if no rule matches."""
-    for pattern, template in rules:
-        if re.fullmatch(pattern, key):
-            return re.sub(pattern, template, key)
-    return None
-
-
-def load_state_dict_strict(model: nn.Module, state: dict[str, Tensor], *, source: str) -> None:
-    """load_state_dict(strict=True) with one error that lists missing, unexpected and mis-shaped keys."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(f"{k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                    for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or shapes:
-        raise ValueError(f"cannot load {source} into {type(model).__name__}: missing keys {missing}; "
-                         f"unexpected keys {unexpected}; shape mismatches {shapes}")
-    model.load_state_dict(state, strict=True)
+        return load_pretrained(cls, path, config_cls=TokenizerConfig, device=device)

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from dera_fast.models.pretrained import check_state_dict
+
 from .._config import PresetConfig
 from . import checkpoint as ckpt
 from .distributed import DistInfo, init_distributed
@@ -47,6 +49,9 @@ TASKS = ("class", "frame-prediction")
 class GeneratorTrainConfig(PresetConfig):
     """A generator run; JSON-serialisable (``--config cfg.json`` holds these fields)."""
     _kind = "generator training"
+    _positive = ("batch_size", "lr", "log_every", "context_frames")
+    _non_negative = ("class_dropout", "weight_decay", "warmup_steps", "warmup_epochs", "epochs", "min_lr_mult",
+                     "grad_clip", "ema_decay", "ckpt_every", "ckpt_minutes", "keep_last")
 
     task: str = "class"                   # "class" (class-conditional) | "frame-prediction" (LARP_AR_FP)
     data: str = ""                        # a folder of videos or a LARP CSV, tokenized on the fly by `tokenizer`
@@ -71,8 +76,9 @@ class GeneratorTrainConfig(PresetConfig):
     seed: int = 0
     num_workers: int | None = 0           # data-loading processes (None: dera_fast.data.loader's default)
     log_every: int = 10
-    ckpt_every: int = 0
-    keep_last: int = 3
+    ckpt_every: int = 1000                # checkpoint every N steps (0: off) ...
+    ckpt_minutes: float = 30.0            # ... and every N minutes of wall time (0: off); always at the end
+    keep_last: int = 3                    # checkpoints kept (0: all)
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -91,7 +97,7 @@ class GeneratorTrainConfig(PresetConfig):
 # weight decay 0.05 on Linear weights, cosine to 0.01 x lr, global batch 64, bf16 AMP, no clipping, no EMA.
 _LARP_AR = dict(batch_size=64, lr=6e-4, betas=(0.9, 0.95), weight_decay=0.05, min_lr_mult=0.01)
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(model="tiny", batch_size=32, steps=300, lr=3e-3, warmup_steps=20, weight_decay=0.0),
+    "tiny": dict(model="tiny", batch_size=32, steps=300, lr=3e-3, warmup_steps=20, weight_decay=0.0, ckpt_every=100),
     # LARP UCF-101 class-conditional (hywang66/LARP-L-long-AR): llama-abs-LP, 3000 epochs, 4 warm-up
     "ucf-lp": dict(_LARP_AR, model="LP", epochs=3000, warmup_epochs=4),
     # LARP K600 frame prediction (hywang66/LARP-L-long-AR-FP): llama-abs-LP, 75 epochs, 1 warm-up
@@ -124,29 +130,21 @@ class TokenDataset(Dataset):
 def load_frozen_tokenizer(path: str | os.PathLike, device):
     """A LARP or DeRA tokenizer (``save_pretrained`` folder or self-describing .safetensors), eval mode
     (deterministic VQ), frozen, on ``device``."""
-    from safetensors import safe_open
+    from dera_fast.models.pretrained import TOKENIZER_TYPES, load_model
 
-    from dera_fast.models import DeRATokenizer, LARPTokenizer
-
-    path = Path(path)
-    if path.is_dir() and (path / "config.json").is_file():
-        kind = json.loads((path / "config.json").read_text()).get("model_type")
-    elif path.is_file() and path.suffix == ".safetensors":
-        with safe_open(str(path), "pt") as f:
-            kind = (f.metadata() or {}).get("dera_fast.model_type")
-    else:
-        raise FileNotFoundError(f"tokenizer {path}: expected a folder written by save_pretrained (e.g. <run>/model)")
-    classes = {"larp": LARPTokenizer, "dera": DeRATokenizer}
-    if kind not in classes:
-        raise ValueError(f"tokenizer {path} is not a LARP or DeRA tokenizer (model_type={kind!r})")
-    return classes[kind].from_pretrained(path, device=device).eval().requires_grad_(False)
+    try:
+        return load_model(path, device=device, kinds=TOKENIZER_TYPES).requires_grad_(False)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"tokenizer {path}: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"tokenizer {path}: {e}") from None
 
 
 class GeneratorTrainer:
     """Builds the AR generator for its data and trains it (FSDP2 when launched with torchrun)."""
 
     def __init__(self, cfg: GeneratorTrainConfig, out_dir: str | Path, *, device: str = "auto",
-                 progress: bool = True):
+                 progress: bool | None = None):
         from dera_fast.models.ar import ARGenerator, GeneratorConfig
 
         self.cfg, self.out = cfg, Path(out_dir)
@@ -183,14 +181,13 @@ class GeneratorTrainer:
             self._shard()
         torch.manual_seed(cfg.seed + self.info.rank)
         self.opt = make_adam(decay_split(self.model, weight_decay=cfg.weight_decay), cfg.lr, cfg.betas, adamw=True)
-        if cfg.ema_decay > 0 and self.fsdp and self.info.is_main:
-            log.warning("ema_decay ignored: EMA weights are not kept for FSDP-sharded generators")
-        self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 and not self.fsdp else None
+        # under FSDP2 the EMA shadows are DTensors sharded like the parameters (checkpoints gather them)
+        self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.stream = BatchStream(self.data, cfg.batch_size // self.info.world_size, self.info, seed=cfg.seed,
                                   num_workers=cfg.num_workers)
         self.schedule = apply_epochs(cfg, self.stream.steps_per_epoch, len(self.data))
         self.step = 0
-        self.progress = progress and self.info.is_main
+        self.progress = progress if self.info.is_main else False  # None: the package setting
         self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=self.info.is_main)
 
     def _video_data(self):
@@ -280,35 +277,86 @@ class GeneratorTrainer:
         return (get_model_state_dict(self.model, options=opts),
                 get_optimizer_state_dict(self.model, self.opt, options=opts))
 
+    def _ema_full_state(self) -> dict | None:
+        """The EMA weights as full CPU tensors (collective under FSDP2, where the shadows are sharded DTensors)."""
+        if self.ema is None:
+            return None
+        return {k: (v.full_tensor() if self.fsdp else v).detach().cpu() for k, v in self.ema.state_dict().items()}
+
+    def _ema_local(self, full: dict) -> dict:
+        """Full EMA tensors from a checkpoint, sharded like this run's shadows under FSDP2."""
+        if not self.fsdp:
+            return full
+        from torch.distributed.tensor import distribute_tensor
+
+        shadow = self.ema.state_dict()
+        return {k: distribute_tensor(v.to(self.device), shadow[k].device_mesh, shadow[k].placements)
+                for k, v in full.items() if k in shadow}
+
+    def _identity(self) -> dict:
+        from dera_fast.models.pretrained import architecture
+
+        return {"model_type": self.model.model_type, "architecture": architecture(self.model.config)}
+
+    def tokenizer_provenance(self) -> dict:
+        """What the generator's tokens are: model_type, tokens per clip, codebook size, architecture hash."""
+        if self.tokenizer is not None:
+            from dera_fast.models.pretrained import architecture_hash
+
+            tok = self.tokenizer
+            return {"model_type": tok.model_type, "tokens_per_clip": tok.tokens_per_clip,
+                    "codebook_size": tok.codebook_size, "config_hash": architecture_hash(tok.config)}
+        meta = self.data.meta
+        rec = {"model_type": meta.get("model_type"), "tokens_per_clip": int(self.data.tokens.shape[1]),
+               "codebook_size": int(meta["codebook_size"]), "config_hash": meta.get("tokenizer_config_hash")}
+        return {k: v for k, v in rec.items() if v is not None}
+
     def save_checkpoint(self) -> Path | None:
+        """Checkpoint (every rank's RNG included) and export ``model/``; collective under torchrun."""
         model_sd, opt_sd = self._full_states()
+        ema_sd = self._ema_full_state()
+        rngs = ckpt.gather_rng_states(self.info)
         if not self.info.is_main:
             return None
         weights = {"model": model_sd}
-        if self.ema is not None:
-            weights["ema"] = self.ema.state_dict()
-        state = {"optimizer": opt_sd, "data": self.stream.state_dict(), "rng": ckpt.rng_state(), "step": self.step}
+        if ema_sd is not None:
+            weights["ema"] = ema_sd
+        state = {"optimizer": opt_sd, "data": self.stream.state_dict(), "rng": rngs[0], "rng_ranks": rngs,
+                 "step": self.step}
         where = ckpt.save_checkpoint(self.out, self.step, weights=weights, config=self.cfg.to_dict(), state=state,
-                                     keep_last=self.cfg.keep_last)
-        self.export(self.out / "model", model_sd)
+                                     keep_last=self.cfg.keep_last, model=self._identity())
+        self.export(self.out / "model", model_sd, ema_sd)
         return where
 
-    def export(self, directory: Path, model_sd: dict) -> None:
-        """Write a loadable ``ARGenerator.save_pretrained`` folder from a full state dict."""
+    def export(self, directory: Path, model_sd: dict, ema_sd: dict | None = None) -> None:
+        """Write a loadable ``ARGenerator.save_pretrained`` folder (atomically) from full state dicts: the EMA
+        weights when kept, with the tokenizer provenance and the class names (video folder / CSV, label order)."""
         from dera_fast.models.ar import ARGenerator
 
         with torch.random.fork_rng(devices=[]):  # building a model draws init noise: keep the run's RNG intact
             plain = ARGenerator(self.model.config)
-        plain.load_state_dict(self.ema.state_dict() if self.ema is not None else model_sd)
-        plain.save_pretrained(directory)
-        if self.classes:  # class names of a video folder / CSV, in label order
-            (Path(directory) / "classes.json").write_text(json.dumps(self.classes, indent=1))
+        if ema_sd is None and self.ema is not None and not self.fsdp:
+            ema_sd = self.ema.state_dict()
+        plain.load_state_dict(ema_sd if ema_sd is not None else model_sd)
+        files = {"classes.json": json.dumps(self.classes, indent=1)} if self.classes else None
+        plain.save_pretrained(directory, tokenizer=self.tokenizer_provenance(), files=files)
 
     def resume(self, path: str | Path | None = None) -> bool:
-        where = Path(path) if path else ckpt.latest_checkpoint(self.out)
+        """Restore the newest intact checkpoint under the run folder (or ``path``); False when there is none.
+
+        Damaged newer checkpoints are skipped with a warning; a checkpoint of another model type or architecture is
+        refused (ValueError). Collective under torchrun (rank 0 picks, every rank loads).
+        """
+        where = ckpt.resume_point(self.out, path, self.info)
         if where is None:
             return False
+        ckpt.check_same_model(where, self._identity())
         step, weights, _, state = ckpt.load_checkpoint(where)
+        if self.ema is not None and "ema" not in weights:
+            raise ValueError(f"cannot resume {where}: it has no EMA weights (ema_decay was 0 when it was written); "
+                             f"resume with the run's own ema_decay")
+        check_state_dict(self.model.state_dict(), weights["model"], source=str(where / "model.safetensors"),
+                         target=type(self.model).__name__)
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                                  set_optimizer_state_dict)
@@ -320,8 +368,11 @@ class GeneratorTrainer:
             self.model.load_state_dict(weights["model"])
             self.opt.load_state_dict(state["optimizer"])
         if self.ema is not None:
-            self.ema.load_state_dict(weights["ema"])
+            self.ema.load_state_dict(self._ema_local(weights["ema"]))
         self.stream.load_state_dict(state["data"])
-        ckpt.set_rng_state(state["rng"])
+        ckpt.restore_rng(state, self.info)
         self.step = step
+        self.metrics.rewind(step)
+        if self.info.is_main:
+            log.info("resumed from %s (step %d)", where, step)
         return True

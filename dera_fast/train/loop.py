@@ -3,88 +3,69 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
+import shutil
 import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
-from .distributed import DistInfo, cleanup, mean_across_ranks, shard_indices
+from dera_fast import _progress
+from dera_fast._files import check_output, clean_stale, write_text
+from dera_fast.data.loader import BatchStream  # noqa: F401 - the trainers import it from here
 
+from .distributed import cleanup, mean_across_ranks
 
-class BatchStream:
-    """Endless per-rank batches over ``dataset``, epoch after epoch, resumable at any batch.
-
-    Each epoch's order is a seeded function of (epoch, rank) (:func:`shard_indices`), and datasets draw their
-    augmentation randomness from (seed, epoch, index), so ``(epoch, position)`` is the whole data state.
-    """
-
-    def __init__(self, dataset: Dataset, batch_size: int, info: DistInfo, *, seed: int = 0, num_workers: int = 0):
-        if batch_size <= 0:
-            raise ValueError(f"per-rank batch size must be positive, got {batch_size}")
-        self.dataset, self.batch_size, self.info = dataset, batch_size, info
-        self.seed, self.num_workers = seed, num_workers
-        self.epoch, self.position = 0, 0
-        self._iter = None
-
-    def _batches(self) -> list[list[int]]:
-        order = shard_indices(len(self.dataset), self.epoch, self.seed, self.info)
-        if len(order) < self.batch_size:  # tiny datasets: repeat so that one full batch exists
-            order = (order * -(-self.batch_size // len(order)))[: self.batch_size]
-        n = len(order) // self.batch_size  # drop the ragged tail: every step sees a full batch
-        return [order[i * self.batch_size:(i + 1) * self.batch_size] for i in range(n)]
-
-    def _start_epoch(self) -> None:
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(self.epoch)
-        batches = self._batches()[self.position:]
-        if self.num_workers > 0:
-            self._iter = iter(DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
-                                         persistent_workers=False))
-        else:
-            self._iter = (default_collate([self.dataset[i] for i in b]) for b in batches)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        while True:
-            if self._iter is None:
-                self._start_epoch()
-            try:
-                batch = next(self._iter)
-            except StopIteration:
-                self.epoch, self.position, self._iter = self.epoch + 1, 0, None
-                continue
-            self.position += 1
-            return batch
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return len(self._batches())
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position, self._iter = int(state["epoch"]), int(state["position"]), None
+log = logging.getLogger("dera_fast.train")
 
 
 class MetricsLog:
-    """Append-only JSONL log (one object per logged step); only rank 0 writes."""
+    """Append-only JSONL log (one object per logged step); only rank 0 writes.
+
+    :meth:`rewind` (called on resume) drops the records past the resumed step and merges duplicates, so the log
+    holds each step once; a later write for the last step recorded is merged into that record.
+    """
 
     def __init__(self, path: str | Path, enabled: bool = True):
         self.path = Path(path)
         self.enabled = enabled
+        self._last: tuple[int, int, dict] | None = None  # (step, byte offset, record) of the last line
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, step: int, values: dict) -> None:
-        if self.enabled:
-            rec = {"step": step, "time": round(time.time(), 3), **{k: _jsonable(v) for k, v in values.items()}}
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+        if not self.enabled:
+            return
+        rec = {"step": step, "time": round(time.time(), 3), **{k: _jsonable(v) for k, v in values.items()}}
+        with open(self.path, "a+b") as f:
+            if self._last is not None and self._last[0] == step:  # same step again: one merged record
+                offset, rec = self._last[1], {**self._last[2], **rec}
+                f.truncate(offset)
+            else:
+                offset = f.seek(0, os.SEEK_END)
+            f.write((json.dumps(rec) + "\n").encode())
+        self._last = (step, offset, rec)
+
+    def rewind(self, step: int) -> None:
+        """Keep only the records of steps <= ``step`` (one per step, merged; unreadable lines dropped)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        merged: dict[int, dict] = {}
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line cut short by a kill
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+                merged[rec["step"]] = {**merged.get(rec["step"], {}), **rec}
+        lines = [json.dumps(merged[k]) + "\n" for k in sorted(merged)]
+        write_text(self.path, "".join(lines))
+        self._last = None
+        if merged:
+            last = max(merged)
+            self._last = (last, len("".join(lines[:-1]).encode()), merged[last])
 
 
 def _jsonable(v):
@@ -93,10 +74,10 @@ def _jsonable(v):
     return round(v, 6) if isinstance(v, float) else v
 
 
-def progress_bar(total: int, initial: int, desc: str, enabled: bool) -> tqdm:
-    """A tqdm bar (rank 0 only; ``disable=None`` also turns it off on non-TTY output)."""
-    return tqdm(total=total, initial=initial, desc=desc, disable=None if enabled else True, dynamic_ncols=True,
-                unit="step")
+def progress_bar(total: int, initial: int, desc: str, enabled: bool | None) -> tqdm:
+    """The training bar: ``enabled`` True / False, or None for the package setting (``set_progress_bar_config``;
+    the trainers pass False on every rank but 0)."""
+    return _progress.progress_bar(total=total, initial=initial, desc=desc, progress=enabled, unit="step")
 
 
 def autocast(device: torch.device, amp: str):
@@ -108,19 +89,71 @@ def autocast(device: torch.device, amp: str):
     return contextlib.nullcontext()
 
 
-def run_training(trainer_cls, cfg, out_dir, *, device: str = "auto", progress: bool = True,
-                 resume: bool = False) -> dict[str, float]:
-    """Build ``trainer_cls(cfg, out_dir, ...)``, record its config, optionally resume, train; safe under torchrun."""
+RUN_ENTRIES = ("checkpoints", "model", "metrics.jsonl", "train_config.json", "samples")  # what a run folder holds
+
+
+def prepare_run_folder(out_dir, *, resume: bool = False, overwrite: bool = False, inputs=()) -> Path:
+    """Check a run folder before training and (rank 0) clean what killed runs left in it.
+
+    A folder holding a previous run is refused unless ``resume`` (continue it) or ``overwrite`` (its checkpoints,
+    metrics, samples and model are deleted first). ``inputs`` (data, token files, tokenizers) may not lie inside the
+    entries a run replaces.
+    """
+    out = check_output(out_dir, kind="dir", overwrite=True, what="--out")
+    managed = [out / name for name in RUN_ENTRIES]
+    check_output(out / "model", kind="dir", overwrite=True, inputs=inputs, what="--out")
+    check_output(out / "checkpoints", kind="dir", overwrite=True, inputs=inputs, what="--out")
+    existing = [p.name for p in managed if p.exists()]
+    if existing and not (resume or overwrite):
+        raise ValueError(f"--out {out} holds a previous run ({', '.join(existing)}): pass --resume to continue it or "
+                         f"--overwrite to start over")
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank checks, rank 0 alone changes files
+        return out
+    if out.is_dir():
+        clean_stale(out, names=set(RUN_ENTRIES))
+        clean_stale(out / "checkpoints")
+    if overwrite and not resume:
+        for p in managed:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
+    return out
+
+
+def run_training(trainer_cls, cfg, out_dir, *, device: str = "auto", progress: bool | None = None, resume: bool = False,
+                 overwrite: bool = False, inputs=()) -> dict[str, float]:
+    """Check the run folder (:func:`prepare_run_folder`), build ``trainer_cls(cfg, out_dir, ...)``, record its
+    config, optionally resume, train; safe under torchrun."""
+    prepare_run_folder(out_dir, resume=resume, overwrite=overwrite, inputs=inputs)
     trainer = trainer_cls(cfg, out_dir, device=device, progress=progress)
     try:
-        if trainer.info.is_main:
+        if resume and not trainer.resume() and trainer.info.is_main:
+            log.info("--resume: no checkpoint under %s yet; starting from step 0", trainer.out)
+        if trainer.info.is_main:  # after a refused resume the folder still records the run's own config
             trainer.out.mkdir(parents=True, exist_ok=True)
-            (trainer.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        if resume:
-            trainer.resume()
+            write_text(trainer.out / "train_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
         return trainer.train()
     finally:
         cleanup()
+
+
+def _checkpoint_due(trainer, last_save: float) -> bool:
+    """Every ``ckpt_every`` steps, or ``ckpt_minutes`` after the last save (rank 0's clock, at logged steps)."""
+    cfg, step = trainer.cfg, trainer.step
+    if cfg.ckpt_every and step % cfg.ckpt_every == 0:
+        return True
+    minutes = getattr(cfg, "ckpt_minutes", 0)
+    if not minutes or step % cfg.log_every:  # the clock is read where ranks already synchronise
+        return False
+    due = time.monotonic() - last_save >= 60 * minutes
+    if trainer.info.distributed:  # every rank must agree: saving is collective
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(due)], device=trainer.info.device if trainer.info.device.type == "cuda" else "cpu")
+        dist.broadcast(flag, src=0)
+        due = bool(flag.item())
+    return due
 
 
 def run_steps(trainer, *, desc: str, rate_key: str, count, postfix: dict, on_log=None, after_step=None) -> dict:
@@ -128,13 +161,15 @@ def run_steps(trainer, *, desc: str, rate_key: str, count, postfix: dict, on_log
 
     Every ``log_every`` steps the logs (plus ``rate_key``: ``count(batch)`` units per second over all ranks) are
     averaged across ranks, written to the JSONL log, shown on the bar (``postfix``: label -> (key, format)) and
-    passed to ``on_log(step, values)``; checkpoints every ``ckpt_every`` steps and once at the end.
+    passed to ``on_log(step, values)``; checkpoints every ``ckpt_every`` steps, every ``ckpt_minutes`` of wall time
+    and once at the end.
     Returns the last logged values plus ``train_seconds``.
     """
     cfg = trainer.cfg
     bar = progress_bar(cfg.steps, trainer.step, desc, trainer.progress)
     last: dict[str, float] = {}
     t0 = tic = time.perf_counter()
+    last_save = time.monotonic()
     done = 0
     try:
         while trainer.step < cfg.steps:
@@ -150,8 +185,9 @@ def run_steps(trainer, *, desc: str, rate_key: str, count, postfix: dict, on_log
                 if on_log is not None:
                     on_log(trainer.step, last)
             bar.update(1)
-            if cfg.ckpt_every and trainer.step % cfg.ckpt_every == 0 and trainer.step < cfg.steps:
+            if trainer.step < cfg.steps and _checkpoint_due(trainer, last_save):
                 trainer.save_checkpoint()
+                last_save = time.monotonic()
             if after_step is not None:
                 after_step(batch)
     finally:
