@@ -119,7 +119,7 @@ def dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _run(run_bench, op, size, depth, d, dtype, groups, variant):
+def _run(run_bench, benchmark, op, size, depth, d, dtype, groups, variant) -> None:
     _skip(size, variant, dtype)
     if variant == "libmtl" and groups == "tensor":
         pytest.skip("LibMTL's PCGrad has one global group")
@@ -133,29 +133,30 @@ def _run(run_bench, op, size, depth, d, dtype, groups, variant):
     t = run_bench(fn, bytes_moved=bytes_moved,
                   backend=variant, shape=f"{size}-{dtype_name(dtype)}-{groups}", dtype=dtype_name(dtype),
                   groups=groups, params=numel, tensors=len(a), host_syncs=syncs)
-    return t, bytes_moved, _hbm()
+    if hbm := _hbm():
+        benchmark.extra_info["hbm_fraction"] = bytes_moved / t / 1e9 / hbm
 
 
-@pytest.mark.benchmark(group="sacp_gram")
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("groups", GROUPS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("size, depth, d", SIZES)
+def _cases(group: str):
+    """The marks of a Gram / projection benchmark: ``group``, over sizes x dtypes x groupings x variants (ids in that
+    order: ``dera-l-85M-fp32-global-torch``)."""
+    def mark(fn):
+        for m in (pytest.mark.parametrize("size, depth, d", SIZES), pytest.mark.parametrize("dtype", DTYPES),
+                  pytest.mark.parametrize("groups", GROUPS), pytest.mark.parametrize("variant", VARIANTS),
+                  pytest.mark.benchmark(group=group)):
+            fn = m(fn)
+        return fn
+    return mark
+
+
+@_cases("sacp_gram")
 def bench_gradient_gram(run_bench, benchmark, size, depth, d, dtype, groups, variant):
-    t, moved, hbm = _run(run_bench, "gram", size, depth, d, dtype, groups, variant)
-    if hbm:
-        benchmark.extra_info["hbm_fraction"] = moved / t / 1e9 / hbm
+    _run(run_bench, benchmark, "gram", size, depth, d, dtype, groups, variant)
 
 
-@pytest.mark.benchmark(group="sacp_project")
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("groups", GROUPS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("size, depth, d", SIZES)
+@_cases("sacp_project")
 def bench_sacp_project(run_bench, benchmark, size, depth, d, dtype, groups, variant):
-    t, moved, hbm = _run(run_bench, "project", size, depth, d, dtype, groups, variant)
-    if hbm:
-        benchmark.extra_info["hbm_fraction"] = moved / t / 1e9 / hbm
+    _run(run_bench, benchmark, "project", size, depth, d, dtype, groups, variant)
 
 
 @pytest.mark.benchmark(group="sacp_dera_step")
@@ -166,7 +167,7 @@ def bench_dera_step_sacp_overhead(run_bench, benchmark, preset, batch):
     against the same step with the fixed lambda-weighted alignment loss, measured in the same run."""
     from dera_fast.models.config import TokenizerConfig
     from dera_fast.models.dera import AlignTargets, DeRATokenizer
-    from dera_fast.sacp import SACP
+    from dera_fast.train.sacp import SACP
 
     if (preset == "dera-l") != HAS_CUDA:
         pytest.skip("dera-l runs on the GPU; the tiny preset is the CPU smoke run")

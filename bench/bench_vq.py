@@ -41,6 +41,16 @@ def _backends_for(op: str):
                                                    if backends.why_unavailable(name, op, DEVICE) is None]
 
 
+def _gpu_bench(op: str, shapes=GPU_SHAPES):
+    """The marks of a GPU benchmark of ``op``: CUDA only, grouped by op, over ``shapes`` x (naive + backends)."""
+    def mark(fn):
+        for m in (pytest.mark.parametrize("N, K, D", shapes), pytest.mark.parametrize("backend", _backends_for(op)),
+                  pytest.mark.benchmark(group=op), requires_cuda):
+            fn = m(fn)
+        return fn
+    return mark
+
+
 def _naive_nearest(z, cb):
     # LARP's deterministic path: fp32 |z|^2 + |c|^2 - 2 z.c, materialised N x K, then argmin
     d = (z * z).sum(1, keepdim=True) + (cb * cb).sum(1) - 2 * torch.einsum("bd,nd->bn", z, cb)
@@ -58,33 +68,22 @@ def _naive_ce(h, cb, t):
     return F.cross_entropy(logits, t)
 
 
-@requires_cuda
-@pytest.mark.benchmark(group="vq_nearest")
-@pytest.mark.parametrize("backend", _backends_for("vq_nearest"))
-@pytest.mark.parametrize("N, K, D", GPU_SHAPES)
+@_gpu_bench("vq_nearest")
 def bench_vq_nearest(run_bench, backend, N, K, D):
-    z = torch.randn(N, D, device=DEVICE)
-    cb = torch.randn(K, D, device=DEVICE)
+    z, cb = torch.randn(N, D, device=DEVICE), torch.randn(K, D, device=DEVICE)
     fn = (lambda: _naive_nearest(z, cb)) if backend == "naive" else (lambda: vq_nearest(z, cb, backend=backend))
     _timed(run_bench, backend, fn, N, K, D, bytes_moved=4 * (N * D + K * D + K) + 8 * N)
 
 
-@requires_cuda
-@pytest.mark.benchmark(group="vq_sample")
-@pytest.mark.parametrize("backend", _backends_for("vq_sample"))
-@pytest.mark.parametrize("N, K, D", GPU_SHAPES)
+@_gpu_bench("vq_sample")
 def bench_vq_sample(run_bench, backend, N, K, D):
-    z = torch.randn(N, D, device=DEVICE)
-    cb = torch.randn(K, D, device=DEVICE)
+    z, cb = torch.randn(N, D, device=DEVICE), torch.randn(K, D, device=DEVICE)
     fn = ((lambda: _naive_sample(z, cb, 0.03)) if backend == "naive"
           else (lambda: vq_sample(z, cb, temperature=0.03, backend=backend)))
     _timed(run_bench, backend, fn, N, K, D, bytes_moved=4 * (N * D + K * D + N) + 8 * N)
 
 
-@requires_cuda
-@pytest.mark.benchmark(group="codebook_cross_entropy")
-@pytest.mark.parametrize("backend", _backends_for("codebook_cross_entropy"))
-@pytest.mark.parametrize("N, K, D", GPU_SHAPES[:2])
+@_gpu_bench("codebook_cross_entropy", GPU_SHAPES[:2])
 def bench_codebook_cross_entropy(run_bench, backend, N, K, D):
     h = torch.randn(N, D, device=DEVICE, requires_grad=True)
     cb = torch.randn(K, D, device=DEVICE, requires_grad=True)

@@ -102,14 +102,30 @@ def markdown_table(rows: list[dict], baselines: list[tuple[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], out, baselines: list[tuple[str, str]]) -> Path:
-    """One panel per group: x = shapes, one bar per backend, height = throughput, label = speed-up."""
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (ImportError naming the extra when matplotlib is missing)."""
     try:
         import matplotlib
     except ImportError as e:
         raise ImportError("plotting needs matplotlib: pip install 'dera-fast[plot]'") from e
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out) -> Path:
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    _pyplot().close(fig)
+    return out
+
+
+def plot(rows: list[dict], out, baselines: list[tuple[str, str]]) -> Path:
+    """One panel per group: x = shapes, one bar per backend, height = throughput, label = speed-up."""
+    plt = _pyplot()
 
     groups = defaultdict(list)
     for r in rows:
@@ -139,12 +155,7 @@ def plot(rows: list[dict], out, baselines: list[tuple[str, str]]) -> Path:
         ax.set_ylabel(" / ".join(units))
         ax.set_title(f"{group}  (labels: speed-up over the baseline; {grs[0]['device']})", fontsize=9)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def plot_grid(rows: list[dict], out, target: float | None = None, only: list[str] | None = None) -> Path:
@@ -152,12 +163,7 @@ def plot_grid(rows: list[dict], out, target: float | None = None, only: list[str
     (``only``: these backends), for shapes named N{n}-K{k}-D{d} (the CPU vq_nearest grid)."""
     import re
 
-    try:
-        import matplotlib
-    except ImportError as e:
-        raise ImportError("plotting needs matplotlib: pip install 'dera-fast[plot]'") from e
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     series = defaultdict(list)
     for r in rows:
@@ -184,12 +190,7 @@ def plot_grid(rows: list[dict], out, target: float | None = None, only: list[str
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("speed-up over the baseline (same run)")
     fig.suptitle(", ".join(sorted({r["group"] for r in rows})), fontsize=10)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def main(argv=None) -> int:

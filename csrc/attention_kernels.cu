@@ -166,10 +166,7 @@ __global__ void __launch_bounds__(kThreads) fwd_simt_kernel(const Params p) {
   const float* q = static_cast<const float*>(p.q) + q_row0 * D;
   const float* k = static_cast<const float*>(p.k) + k_row0 * D;
   const float* v = static_cast<const float*>(p.v) + k_row0 * D;
-  for (int i = threadIdx.x; i < BM * D; i += kThreads) {
-    const int r = i / D, c = i % D;
-    sQ[r][c] = m0 + r < s.len_q ? q[static_cast<int64_t>(m0 + r) * D + c] : 0.f;
-  }
+  load_rows_simt<BM, D>(sQ, q, m0, s.len_q);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   float acc[RPW][DPL] = {}, m_run[RPW], l_run[RPW];
 #pragma unroll
@@ -178,12 +175,8 @@ __global__ void __launch_bounds__(kThreads) fwd_simt_kernel(const Params p) {
 
   for (int j = t_begin; j < t_end; ++j) {
     __syncthreads();  // previous tile fully consumed (and sQ written, on the first pass)
-    for (int i = threadIdx.x; i < BN * D; i += kThreads) {
-      const int r = i / D, c = i % D;
-      const bool ok = j * BN + r < s.len_k;
-      sK[r][c] = ok ? k[static_cast<int64_t>(j * BN + r) * D + c] : 0.f;
-      sV[r][c] = ok ? v[static_cast<int64_t>(j * BN + r) * D + c] : 0.f;
-    }
+    load_rows_simt<BN, D>(sK, k, j * BN, s.len_k);
+    load_rows_simt<BN, D>(sV, v, j * BN, s.len_k);
     __syncthreads();
 #pragma unroll
     for (int rr = 0; rr < RPW; ++rr) {
@@ -278,14 +271,6 @@ cudaError_t attention_fwd_launch(const Params& p, cudaStream_t stream) {
   return launch_kernel(combine_kernel<T, D>, grid_combine, 0, p, stream);
 }
 
-#define DERA_ATTN_FWD(DT)                                                          \
-  template cudaError_t attention_fwd_launch<DT, 32>(const Params&, cudaStream_t);  \
-  template cudaError_t attention_fwd_launch<DT, 64>(const Params&, cudaStream_t);  \
-  template cudaError_t attention_fwd_launch<DT, 96>(const Params&, cudaStream_t);  \
-  template cudaError_t attention_fwd_launch<DT, 128>(const Params&, cudaStream_t);
-DERA_ATTN_FWD(Dtype::kFloat32)
-DERA_ATTN_FWD(Dtype::kFloat16)
-DERA_ATTN_FWD(Dtype::kBFloat16)
-#undef DERA_ATTN_FWD
+DERA_ATTN_INSTANTIATE(attention_fwd_launch)
 
 }  // namespace dera_fast::attn

@@ -250,12 +250,8 @@ __global__ void __launch_bounds__(kThreads) bwd_dkdv_simt_kernel(const Params p)
   const float* dout = static_cast<const float*>(p.dout) + q_row0 * D;
   const float* k = static_cast<const float*>(p.k) + k_row0 * D;
   const float* v = static_cast<const float*>(p.v) + k_row0 * D;
-  for (int i = threadIdx.x; i < BN * D; i += kThreads) {
-    const int r = i / D, c = i % D;
-    const bool ok = n0 + r < s.len_k;
-    sK[r][c] = ok ? k[static_cast<int64_t>(n0 + r) * D + c] : 0.f;
-    sV[r][c] = ok ? v[static_cast<int64_t>(n0 + r) * D + c] : 0.f;
-  }
+  load_rows_simt<BN, D>(sK, k, n0, s.len_k);
+  load_rows_simt<BN, D>(sV, v, n0, s.len_k);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   float dk[KPW][DPL] = {}, dv[KPW][DPL] = {};
   const float scale_log2 = p.scale * kLog2e;
@@ -263,12 +259,8 @@ __global__ void __launch_bounds__(kThreads) bwd_dkdv_simt_kernel(const Params p)
 
   for (int it = bwd_first_q_tile(n0, BM, s, p.causal); it < it_end; ++it) {
     __syncthreads();  // previous query tile fully consumed
-    for (int i = threadIdx.x; i < BM * D; i += kThreads) {
-      const int r = i / D, c = i % D;
-      const bool ok = it * BM + r < s.len_q;
-      sQ[r][c] = ok ? q[static_cast<int64_t>(it * BM + r) * D + c] : 0.f;
-      sdO[r][c] = ok ? dout[static_cast<int64_t>(it * BM + r) * D + c] : 0.f;
-    }
+    load_rows_simt<BM, D>(sQ, q, it * BM, s.len_q);
+    load_rows_simt<BM, D>(sdO, dout, it * BM, s.len_q);
     for (int i = threadIdx.x; i < BM; i += kThreads) {
       const bool ok = it * BM + i < s.len_q;
       sLse[i] = bwd_lse2(p, q_row0 + it * BM + i, ok);
@@ -335,12 +327,8 @@ __global__ void __launch_bounds__(kThreads) bwd_dq_simt_kernel(const Params p) {
   const float* dout = static_cast<const float*>(p.dout) + q_row0 * D;
   const float* k = static_cast<const float*>(p.k) + k_row0 * D;
   const float* v = static_cast<const float*>(p.v) + k_row0 * D;
-  for (int i = threadIdx.x; i < BM * D; i += kThreads) {
-    const int r = i / D, c = i % D;
-    const bool ok = m0 + r < s.len_q;
-    sQ[r][c] = ok ? q[static_cast<int64_t>(m0 + r) * D + c] : 0.f;
-    sdO[r][c] = ok ? dout[static_cast<int64_t>(m0 + r) * D + c] : 0.f;
-  }
+  load_rows_simt<BM, D>(sQ, q, m0, s.len_q);
+  load_rows_simt<BM, D>(sdO, dout, m0, s.len_q);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   float lse2[RPW], delta[RPW], dq[RPW][DPL] = {};
 #pragma unroll
@@ -353,12 +341,8 @@ __global__ void __launch_bounds__(kThreads) bwd_dq_simt_kernel(const Params p) {
 
   for (int j = t_begin; j < t_end; ++j) {
     __syncthreads();  // previous tile fully consumed (and sQ/sdO written, on the first pass)
-    for (int i = threadIdx.x; i < BN * D; i += kThreads) {
-      const int r = i / D, c = i % D;
-      const bool ok = j * BN + r < s.len_k;
-      sK[r][c] = ok ? k[static_cast<int64_t>(j * BN + r) * D + c] : 0.f;
-      sV[r][c] = ok ? v[static_cast<int64_t>(j * BN + r) * D + c] : 0.f;
-    }
+    load_rows_simt<BN, D>(sK, k, j * BN, s.len_k);
+    load_rows_simt<BN, D>(sV, v, j * BN, s.len_k);
     __syncthreads();
 #pragma unroll
     for (int rr = 0; rr < RPW; ++rr) {
@@ -418,14 +402,6 @@ cudaError_t attention_bwd_launch(const Params& p, cudaStream_t stream) {
   }
 }
 
-#define DERA_ATTN_BWD(DT)                                                          \
-  template cudaError_t attention_bwd_launch<DT, 32>(const Params&, cudaStream_t);  \
-  template cudaError_t attention_bwd_launch<DT, 64>(const Params&, cudaStream_t);  \
-  template cudaError_t attention_bwd_launch<DT, 96>(const Params&, cudaStream_t);  \
-  template cudaError_t attention_bwd_launch<DT, 128>(const Params&, cudaStream_t);
-DERA_ATTN_BWD(Dtype::kFloat32)
-DERA_ATTN_BWD(Dtype::kFloat16)
-DERA_ATTN_BWD(Dtype::kBFloat16)
-#undef DERA_ATTN_BWD
+DERA_ATTN_INSTANTIATE(attention_bwd_launch)
 
 }  // namespace dera_fast::attn

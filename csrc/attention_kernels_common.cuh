@@ -166,6 +166,16 @@ __device__ __forceinline__ void load_tile_async(T* s, const T* base, int row0, i
   }
 }
 
+// Rows [row0, row0 + R) of the row-major [n_rows, D] fp32 matrix `src` -> the smem tile dst[R][LD] (the SIMT
+// kernels; LD = D or D + 1). Rows at or past n_rows are zero-filled.
+template <int R, int D, int LD>
+__device__ __forceinline__ void load_rows_simt(float (*dst)[LD], const float* src, int row0, int n_rows) {
+  for (int i = threadIdx.x; i < R * D; i += kThreads) {
+    const int r = i / D, c = i % D;
+    dst[r][c] = row0 + r < n_rows ? src[static_cast<int64_t>(row0 + r) * D + c] : 0.f;
+  }
+}
+
 // Store the 16 x D accumulator rows of this warp (scaled by mul[0] for row g, mul[1] for row g + 8) as T.
 template <typename T, int D>
 __device__ __forceinline__ void store_acc(T* out, const float (&acc)[D / 8][4], int row_g, int n_rows,
@@ -182,5 +192,17 @@ __device__ __forceinline__ void store_acc(T* out, const float (&acc)[D / 8][4], 
 
 }  // namespace
 }  // namespace dera_fast::attn
+
+// Explicit instantiations of a launcher (attention_fwd_launch / attention_bwd_launch) for every dtype and head dim
+// the extension ships (the cases csrc/attention_cuda.cpp dispatches on).
+#define DERA_ATTN_INSTANTIATE_DT(LAUNCH, DT)                         \
+  template cudaError_t LAUNCH<DT, 32>(const Params&, cudaStream_t);  \
+  template cudaError_t LAUNCH<DT, 64>(const Params&, cudaStream_t);  \
+  template cudaError_t LAUNCH<DT, 96>(const Params&, cudaStream_t);  \
+  template cudaError_t LAUNCH<DT, 128>(const Params&, cudaStream_t);
+#define DERA_ATTN_INSTANTIATE(LAUNCH)                 \
+  DERA_ATTN_INSTANTIATE_DT(LAUNCH, Dtype::kFloat32)   \
+  DERA_ATTN_INSTANTIATE_DT(LAUNCH, Dtype::kFloat16)   \
+  DERA_ATTN_INSTANTIATE_DT(LAUNCH, Dtype::kBFloat16)
 
 #include <attention_launch.cuh>  // through the include path: see the top of this file

@@ -21,13 +21,14 @@ _LAZY = {
     "ARGenerator": "dera_fast.models.ar",
     "set_progress_bar_config": "dera_fast._progress",  # one switch for the library's progress bars
 }
-_SUBMODULES = ("models", "convert", "data", "metrics", "viz", "sacp", "train", "generate", "eval")
+_SUBMODULES = ("models", "convert", "data", "metrics", "viz", "train", "generate", "eval")
+_DEPRECATED_SUBMODULES = ("sacp",)  # dera_fast.sacp: an alias of dera_fast.train.sacp that warns on use
 
 
 def __getattr__(name):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
-    if name in _SUBMODULES:
+    if name in _SUBMODULES or name in _DEPRECATED_SUBMODULES:
         return importlib.import_module(f"dera_fast.{name}")
     raise AttributeError(f"module 'dera_fast' has no attribute {name!r}")
 

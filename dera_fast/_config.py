@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import types
 import typing
 from typing import Any
@@ -75,8 +74,9 @@ def _coerce(hint, value):
 
 
 class PresetConfig:
-    """Mixin for ``@dataclass`` configs whose defining module has ``PRESETS: dict[str, dict]``.
+    """Mixin for ``@dataclass`` configs with named presets.
 
+    Each config class names its own preset table by overriding :meth:`presets` (name -> field values).
     ``to_dict`` gives JSON-safe values (tuples become lists), ``from_dict`` rejects unknown fields and anything
     that is not a JSON object, ``from_name`` applies a named preset plus overrides. ``_kind`` names the config in
     errors; ``_positive`` / ``_non_negative`` list numeric fields checked after the class's own ``__post_init__``.
@@ -139,11 +139,12 @@ class PresetConfig:
 
     @classmethod
     def presets(cls) -> dict[str, dict[str, Any]]:
-        return sys.modules[cls.__module__].PRESETS
+        """The named presets of this config class: name -> field values (each class returns its own table)."""
+        raise NotImplementedError(f"{cls.__name__} names no preset table: override presets()")
 
     @classmethod
     def from_name(cls, name: str, **overrides):
-        """A named preset (see the module's PRESETS), with optional field overrides."""
+        """A named preset (see :meth:`presets`), with optional field overrides."""
         presets = cls.presets()
         if name not in presets:
             raise ValueError(f"unknown {cls._kind} preset {name!r}; available: {sorted(presets)}")

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from ._progress import progress_bar
-from .ops._checks import check_positive
+from ._validation import check_positive
 
 if TYPE_CHECKING:
     from .models.ar import ARGenerator

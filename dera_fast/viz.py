@@ -11,7 +11,8 @@ from typing import Sequence
 
 import torch
 
-from .data.io import DEFAULT_RANGE, _check_range, write_video
+from ._validation import check_value_range
+from .data.io import DEFAULT_RANGE, write_video
 
 
 def _as_batch(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -36,7 +37,7 @@ def video_grid(rows: Sequence[torch.Tensor], *, pad: int = 2, pad_value: float |
     Returns:
         float ``[3, T, R*(H+pad)+pad, C*(W+pad)+pad]`` in ``value_range``.
     """
-    lo, _ = _check_range(value_range)
+    lo, _ = check_value_range(value_range)
     if pad < 0:
         raise ValueError(f"pad must be >= 0, got {pad}")
     if isinstance(rows, torch.Tensor):
@@ -75,7 +76,7 @@ def save_video_grid(rows, path, fps: float = 8.0, *, pad: int = 2, value_range=D
 def error_video(x: torch.Tensor, recon: torch.Tensor, *, gain: float = 4.0,
                 value_range=DEFAULT_RANGE) -> torch.Tensor:
     """``|x - recon| * gain`` mapped into ``value_range`` (0 error = the low end, black), shape of ``x``."""
-    lo, hi = _check_range(value_range)
+    lo, hi = check_value_range(value_range)
     return (lo + (x - recon).abs() * gain).clamp(lo, hi)
 
 

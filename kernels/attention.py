@@ -174,6 +174,28 @@ def _attention_bwd_preprocess_kernel(O, DO, DELTA, R, head_dim, BLOCK_R: tl.cons
 
 
 @triton.jit
+def _load_lse2(ptr, m_ok):
+    """Row lse in the log2 domain, [BLOCK_M]. NOTE: rows with no visible key (lse = -inf) get +inf so that
+    exp2(s - lse) = 0 there."""
+    lse = tl.load(ptr, mask=m_ok, other=float("-inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+
+
+@triton.jit
+def _p_and_ds(q, k, v, do, lse2, delta, offs_m, offs_n, m_ok, n_ok, offset, qk_scale, CAUSAL: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    """One (query block, key block) tile of the backward: P = exp(S - lse) recomputed, and dS = P * (dP - delta),
+    both fp32 [BLOCK_M, BLOCK_N], zero where a key is invisible (padding, causal mask)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # log2 domain
+    ok = m_ok[:, None] & n_ok[None, :]
+    if CAUSAL:
+        ok = ok & (offs_n[None, :] <= offs_m[:, None] + offset)
+    p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
 def _attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
                                sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sl_b, sl_h,
                                H, len_q_dense, len_k_dense, head_dim, scale, q_offset,
@@ -211,18 +233,10 @@ def _attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
         qd_mask = m_ok[:, None] & d_ok[None, :]
         q = tl.load(Q + q_base + offs_m[:, None] * sq_m + offs_d[None, :], mask=qd_mask, other=0.0)
         do = tl.load(DO + q_base + offs_m[:, None] * sq_m + offs_d[None, :], mask=qd_mask, other=0.0)
-        lse = tl.load(LSE + l_base + offs_m, mask=m_ok, other=float("-inf"))
-        # NOTE: rows with no visible key (lse = -inf) get +inf so that exp2(s - lse) = 0 there.
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+        lse2 = _load_lse2(LSE + l_base + offs_m, m_ok)
         delta = tl.load(DELTA + l_base + offs_m, mask=m_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
-        ok = m_ok[:, None] & n_ok[None, :]
-        if CAUSAL:
-            ok = ok & (offs_n[None, :] <= offs_m[:, None] + offset)
-        p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
+        p, ds = _p_and_ds(q, k, v, do, lse2, delta, offs_m, offs_n, m_ok, n_ok, offset, qk_scale, CAUSAL, DOT_PREC)
         dv = tl.dot(tl.trans(p.to(do.dtype)), do, acc=dv, input_precision=DOT_PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
         dk = tl.dot(tl.trans(ds.to(q.dtype)), q, acc=dk, input_precision=DOT_PREC)
     dk = dk * tl.cast(scale, tl.float32)
     tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -254,8 +268,7 @@ def _attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
     q = tl.load(Q + q_off, mask=qd_mask, other=0.0)
     do = tl.load(DO + q_off, mask=qd_mask, other=0.0)
     l_off = bi * sl_b + h * sl_h + q_start + offs_m
-    lse = tl.load(LSE + l_off, mask=m_ok, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    lse2 = _load_lse2(LSE + l_off, m_ok)
     delta = tl.load(DELTA + l_off, mask=m_ok, other=0.0)
     k_base = bi * sk_b + h * sk_h + k_start * sk_n
     hi = len_k
@@ -268,13 +281,7 @@ def _attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(K + k_base + offs_n[:, None] * sk_n + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + k_base + offs_n[:, None] * sk_n + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        ok = m_ok[:, None] & n_ok[None, :]
-        if CAUSAL:
-            ok = ok & (offs_n[None, :] <= offs_m[:, None] + offset)
-        p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
+        _, ds = _p_and_ds(q, k, v, do, lse2, delta, offs_m, offs_n, m_ok, n_ok, offset, qk_scale, CAUSAL, DOT_PREC)
         dq = tl.dot(ds.to(k.dtype), k, acc=dq, input_precision=DOT_PREC)
     dq = dq * tl.cast(scale, tl.float32)
     tl.store(DQ + q_off, dq.to(DQ.dtype.element_ty), mask=qd_mask)

@@ -52,6 +52,39 @@ def _load_codes_t(cb_ptr, k0, K, D, dims, BLOCK_K: tl.constexpr):
     return codes, c
 
 
+@triton.jit
+def _row_tile(ptr, N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's BLOCK_N rows of a row-major [N, D] input: (row ids, dim ids, fp32 tile [BLOCK_N, BLOCK_D])."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    return rows, dims, _load_rows(ptr, rows, N, D, dims)
+
+
+@triton.jit
+def _online_lse(m, s, logit):
+    """One tile of a streaming base-2 log-sum-exp: the running row max ``m`` and sum ``s`` = sum 2^(l - m), [BLOCK_N]
+    each, updated with the logits ``logit`` [BLOCK_N, BLOCK_K] (padding codes at -inf)."""
+    m_new = tl.maximum(m, tl.max(logit, axis=1))
+    return m_new, s * tl.exp2(m - m_new) + tl.sum(tl.exp2(logit - m_new[:, None]), axis=1)
+
+
+@triton.jit
+def _ce_row_terms(rows, row_ok, g_ptr, t_ptr, lse_ptr, inv_t):
+    """The per-row terms of the cross-entropy backward: (target id, lse, g_n / T), [BLOCK_N] each."""
+    tgt = tl.load(t_ptr + rows, mask=row_ok, other=0).to(tl.int32)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    return tgt, lse, tl.load(g_ptr + rows, mask=row_ok, other=0.0) * tl.cast(inv_t, tl.float32)
+
+
+@triton.jit
+def _ce_dlogits(h, c, codes, code_ok, tgt, lse, coef, inv_t, PRECISION: tl.constexpr):
+    """d loss / d logits of one tile, (p_nk - 1[k = t_n]) * g_n / T as [BLOCK_N, BLOCK_K]; zero on padding codes,
+    and on padding rows through their zero ``coef``."""
+    logit = tl.dot(h, c, input_precision=PRECISION) * tl.cast(inv_t, tl.float32)
+    p = tl.where(code_ok[None, :], tl.exp(logit - lse[:, None]), 0.0)
+    return (p - tl.where(codes[None, :] == tgt[:, None], 1.0, 0.0)) * coef[:, None]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # vq_nearest: argmin_k (bias_k - 2 z.c_k)
 # ---------------------------------------------------------------------------------------------------------------
@@ -59,10 +92,7 @@ def _load_codes_t(cb_ptr, k0, K, D, dims, BLOCK_K: tl.constexpr):
 def _vq_nearest_fwd_kernel(z_ptr, cb_ptr, bias_ptr, out_ptr, N, K, D,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                            PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, BLOCK_D)
-    z = _load_rows(z_ptr, rows, N, D, dims)
+    rows, dims, z = _row_tile(z_ptr, N, D, BLOCK_N, BLOCK_D)
     best = tl.full([BLOCK_N], float("inf"), tl.float32)
     best_idx = tl.zeros([BLOCK_N], tl.int32)
     for k0 in range(0, K, BLOCK_K):
@@ -95,10 +125,7 @@ def vq_nearest_fwd(z: torch.Tensor, codebook: torch.Tensor, bias: torch.Tensor) 
 def _vq_sample_fwd_kernel(z_ptr, cb_ptr, u_ptr, out_ptr, N, K, D, inv_t,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                           PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, BLOCK_D)
-    z = _load_rows(z_ptr, rows, N, D, dims)
+    rows, dims, z = _row_tile(z_ptr, N, D, BLOCK_N, BLOCK_D)
     # fold 1/|z|, 1/T and log2(e) into one per-row scale so both passes use exp2 on the raw dot
     norm = tl.maximum(tl.sqrt(tl.sum(z * z, axis=1)), 1e-12)
     scale = tl.cast(inv_t, tl.float32) * LOG2E / norm
@@ -108,10 +135,7 @@ def _vq_sample_fwd_kernel(z_ptr, cb_ptr, u_ptr, out_ptr, N, K, D, inv_t,
     for k0 in range(0, K, BLOCK_K):
         codes, c = _load_codes_t(cb_ptr, k0, K, D, dims, BLOCK_K)
         logit = tl.dot(z, c, input_precision=PRECISION) * scale[:, None]
-        logit = tl.where(codes[None, :] < K, logit, float("-inf"))
-        m_new = tl.maximum(m, tl.max(logit, axis=1))
-        s = s * tl.exp2(m - m_new) + tl.sum(tl.exp2(logit - m_new[:, None]), axis=1)
-        m = m_new
+        m, s = _online_lse(m, s, tl.where(codes[None, :] < K, logit, float("-inf")))
     # pass 2: running CDF with the final max; first code whose CDF exceeds u * s
     target = tl.load(u_ptr + rows, mask=rows < N, other=0.0) * s
     run = tl.zeros([BLOCK_N], tl.float32)
@@ -149,10 +173,7 @@ def vq_sample_fwd(z: torch.Tensor, codebook: torch.Tensor, u: torch.Tensor, inv_
 def _codebook_ce_fwd_kernel(h_ptr, cb_ptr, t_ptr, loss_ptr, lse_ptr, N, K, D, inv_t,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                             PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, BLOCK_D)
-    h = _load_rows(h_ptr, rows, N, D, dims)
+    rows, dims, h = _row_tile(h_ptr, N, D, BLOCK_N, BLOCK_D)
     tgt = tl.load(t_ptr + rows, mask=rows < N, other=0).to(tl.int32)
     scale = tl.cast(inv_t, tl.float32) * LOG2E
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
@@ -163,9 +184,7 @@ def _codebook_ce_fwd_kernel(h_ptr, cb_ptr, t_ptr, loss_ptr, lse_ptr, N, K, D, in
         logit2 = tl.dot(h, c.to(tl.float32), input_precision=PRECISION) * scale  # base-2 logits
         logit2 = tl.where(codes[None, :] < K, logit2, float("-inf"))
         picked += tl.sum(tl.where(codes[None, :] == tgt[:, None], logit2, 0.0), axis=1)
-        m_new = tl.maximum(m, tl.max(logit2, axis=1))
-        s = s * tl.exp2(m - m_new) + tl.sum(tl.exp2(logit2 - m_new[:, None]), axis=1)
-        m = m_new
+        m, s = _online_lse(m, s, logit2)
     lse = (m + tl.log2(s)) * LN2
     tl.store(lse_ptr + rows, lse, mask=rows < N)
     tl.store(loss_ptr + rows, lse - picked * LN2, mask=rows < N)
@@ -176,22 +195,14 @@ def _codebook_ce_bwd_dh_kernel(g_ptr, h_ptr, cb_ptr, t_ptr, lse_ptr, dh_ptr, N, 
                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                                PRECISION: tl.constexpr):
     # dh_n = sum_k (p_nk - 1[k = t_n]) * g_n / T * c_k
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, BLOCK_D)
+    rows, dims, h = _row_tile(h_ptr, N, D, BLOCK_N, BLOCK_D)
     rmask = rows < N
-    h = _load_rows(h_ptr, rows, N, D, dims)
-    tgt = tl.load(t_ptr + rows, mask=rmask, other=0).to(tl.int32)
-    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
-    coef = tl.load(g_ptr + rows, mask=rmask, other=0.0) * tl.cast(inv_t, tl.float32)
+    tgt, lse, coef = _ce_row_terms(rows, rmask, g_ptr, t_ptr, lse_ptr, inv_t)
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         codes, c = _load_codes_t(cb_ptr, k0, K, D, dims, BLOCK_K)
         c = c.to(tl.float32)  # [BLOCK_D, BLOCK_K]
-        kmask = codes < K
-        logit = tl.dot(h, c, input_precision=PRECISION) * tl.cast(inv_t, tl.float32)
-        p = tl.where(kmask[None, :], tl.exp(logit - lse[:, None]), 0.0)
-        dl = (p - tl.where(codes[None, :] == tgt[:, None], 1.0, 0.0)) * coef[:, None]
+        dl = _ce_dlogits(h, c, codes, codes < K, tgt, lse, coef, inv_t, PRECISION)
         acc += tl.dot(dl, tl.trans(c), input_precision=PRECISION)
     tl.store(dh_ptr + rows[:, None] * D + dims[None, :], acc, mask=rmask[:, None] & (dims[None, :] < D))
 
@@ -211,12 +222,8 @@ def _codebook_ce_bwd_dc_kernel(g_ptr, h_ptr, cb_ptr, t_ptr, lse_ptr, dc_ptr, N, 
         rows = n0 + tl.arange(0, BLOCK_N)
         rmask = rows < N
         h = _load_rows(h_ptr, rows, N, D, dims)
-        tgt = tl.load(t_ptr + rows, mask=rmask, other=0).to(tl.int32)
-        lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
-        coef = tl.load(g_ptr + rows, mask=rmask, other=0.0) * tl.cast(inv_t, tl.float32)
-        logit = tl.dot(h, c, input_precision=PRECISION) * tl.cast(inv_t, tl.float32)
-        p = tl.where(rmask[:, None] & kmask[None, :], tl.exp(logit - lse[:, None]), 0.0)
-        dl = (p - tl.where(codes[None, :] == tgt[:, None], 1.0, 0.0)) * coef[:, None]  # [BLOCK_N, BLOCK_K]
+        tgt, lse, coef = _ce_row_terms(rows, rmask, g_ptr, t_ptr, lse_ptr, inv_t)
+        dl = _ce_dlogits(h, c, codes, kmask, tgt, lse, coef, inv_t, PRECISION)  # [BLOCK_N, BLOCK_K]
         acc += tl.dot(tl.trans(dl), h, input_precision=PRECISION)
     tl.store(dc_ptr + codes[:, None] * D + dims[None, :], acc, mask=kmask[:, None] & (dims[None, :] < D))
 

@@ -21,7 +21,7 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 FLOOR = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.float64: 1e-10}
 
 
-def device_for(backend: str) -> str:
+def _device_for(backend: str) -> str:
     """The device ``backend`` is tested on: "cuda" runs on CUDA, "cpp" on the CPU, "triton" and "torch" on CUDA
     when present, else on the CPU (Triton through its interpreter)."""
     if backend in ("cuda", "cpp"):
@@ -29,13 +29,16 @@ def device_for(backend: str) -> str:
     return "cuda" if HAS_CUDA else "cpu"
 
 
-def require(backend: str, op: str | None = None, *, dtype: torch.dtype | None = None, heavy: bool = False) -> str:
+def require(backend: str, op: str | None = None, *, dtype: torch.dtype | None = None, heavy: bool = False,
+            head_dim: int | None = None) -> str:
     """The device to test ``backend`` on for ``op``, or pytest.skip with the reason it cannot run there.
 
+    The one skip helper of the suite: every test that needs a backend (or Triton, or the extension) calls it.
     ``dtype``: skips bf16 on the Triton interpreter (it computes bf16 tl.dot wrongly, silently); ``heavy``: the
-    shape is too slow for the interpreter (~1 ms per program), so it runs on the GPU only.
+    shape is too slow for the interpreter (~1 ms per program), so it runs on the GPU only; ``head_dim`` (attention):
+    skips head dims the CUDA kernels are not instantiated for.
     """
-    device = device_for(backend)
+    device = _device_for(backend)
     why = backends.why_unavailable(backend, op, device)
     if why is not None:
         pytest.skip(f"{backend} cannot run {op or 'here'}: {why}")
@@ -44,12 +47,16 @@ def require(backend: str, op: str | None = None, *, dtype: torch.dtype | None = 
             pytest.skip("Triton interpreter gets bf16 tl.dot wrong; bf16 Triton runs on the GPU only")
         if heavy:
             pytest.skip("too slow for the Triton interpreter; runs on the GPU")
+    if backend == "cuda" and op == "attention" and head_dim is not None:
+        from dera_fast.ops.attention import CUDA_HEAD_DIMS
+        if head_dim not in CUDA_HEAD_DIMS:
+            pytest.skip(f"CUDA kernels cover head dims {CUDA_HEAD_DIMS}, not {head_dim}")
     return device
 
 
 def _backend_params():
     for name in backends.BACKENDS:
-        why = backends.why_unavailable(name, None, device_for(name))
+        why = backends.why_unavailable(name, None, _device_for(name))
         marks = [pytest.mark.skip(reason=f"{name} unavailable: {why}")] if why else []
         yield pytest.param(name, marks=marks, id=name)
 
@@ -63,6 +70,14 @@ def backend(request):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def assert_encode_is_batch_invariant(model, x):
+    """Eval-mode ``model.encode`` is deterministic, and a clip's ids do not depend on the batch it is encoded in."""
+    ids = model.encode(x)
+    torch.testing.assert_close(model.encode(x), ids)
+    for i in range(x.shape[0]):
+        torch.testing.assert_close(model.encode(x[i:i + 1]), ids[i:i + 1])
 
 
 def assert_close_to_ref(name, out, ref_fp32, ref_lowp, floor=None):

@@ -10,7 +10,6 @@ from conftest import HAS_CUDA, assert_close_to_ref, require
 
 from dera_fast import backends
 from dera_fast.ops import attention, attention_ref
-from dera_fast.ops.attention import CUDA_HEAD_DIMS
 
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
           pytest.param(torch.bfloat16, id="bf16")]
@@ -29,14 +28,6 @@ LONG_SHAPES = [  # too slow for the Triton interpreter; torch backend on CPU, ev
     pytest.param(1, 1, 2048, 2048, 64, id="B1H1-L2048-D64", marks=pytest.mark.slow),
     pytest.param(1, 1, 256, 2048, 128, id="B1H1-Lq256-Lk2048-D128", marks=pytest.mark.slow),
 ]
-
-
-def _device(backend, dtype=torch.float32, d=64):
-    """The device to test ``backend`` on (``require``), also skipping head dims its kernels lack."""
-    device = require(backend, "attention", dtype=dtype)
-    if backend == "cuda" and d not in CUDA_HEAD_DIMS:
-        pytest.skip(f"CUDA kernels cover head dims {CUDA_HEAD_DIMS}")
-    return device
 
 
 def _inputs(b, h, lq, lk, d, dtype, device):
@@ -61,8 +52,8 @@ def _check_against_ref(out, dx, q, k, v, dout, rows=slice(None), **ref_kw):
         assert_close_to_ref(name, got, refs[True][i], refs[False][i])
 
 
-def _run_case(backend, b, h, lq, lk, d, dtype, causal):
-    device = _device(backend, dtype, d)
+def _run_case(backend, b, h, lq, lk, d, dtype, causal, heavy=False):
+    device = require(backend, "attention", dtype=dtype, heavy=heavy, head_dim=d)
     q, k, v = _inputs(b, h, lq, lk, d, dtype, device)
     out = attention(q, k, v, causal=causal, backend=backend)
     assert out.shape == q.shape and out.dtype == dtype
@@ -81,15 +72,13 @@ def test_attention_matches_ref(backend, b, h, lq, lk, d, dtype, causal):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("b, h, lq, lk, d", LONG_SHAPES)
 def test_attention_long_matches_ref(backend, b, h, lq, lk, d, dtype, causal):
-    if backend == "triton" and not HAS_CUDA:
-        pytest.skip("long shapes are too slow for the Triton interpreter")
-    _run_case(backend, b, h, lq, lk, d, dtype, causal)
+    _run_case(backend, b, h, lq, lk, d, dtype, causal, heavy=True)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype", DTYPES[:2])
 def test_varlen_equals_separate_calls(backend, dtype, causal):
-    device = _device(backend, dtype, 32)
+    device = require(backend, "attention", dtype=dtype, head_dim=32)
     lens = [17, 0, 40, 1, 55]  # includes an empty sequence
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
     q, k, v = _inputs(1, 2, sum(lens), sum(lens), 32, dtype, device)
@@ -117,7 +106,7 @@ def test_varlen_equals_separate_calls(backend, dtype, causal):
                          ids=["5:30", "tuple0:7", "-3:", ":1"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_q_rows_equals_slicing(backend, causal, rows):
-    device = _device(backend)
+    device = require(backend, "attention", head_dim=64)
     q, k, v = _inputs(1, 2, 40, 57, 64, torch.float32, device)
     full = attention(q, k, v, causal=causal, backend=backend)
     out = attention(q, k, v, causal=causal, q_rows=rows, backend=backend)
@@ -129,7 +118,7 @@ def test_q_rows_equals_slicing(backend, causal, rows):
 
 def test_fully_masked_rows_give_zero(backend):
     # causal with Lq > Lk (bottom-right): the first Lq - Lk query rows see no key at all
-    device = _device(backend, d=32)
+    device = require(backend, "attention", head_dim=32)
     q, k, v = _inputs(1, 2, 50, 20, 32, torch.float32, device)
     out = attention(q, k, v, causal=True, backend=backend)
     assert torch.equal(out[:, :, :30], torch.zeros_like(out[:, :, :30]))
@@ -139,7 +128,7 @@ def test_fully_masked_rows_give_zero(backend):
 
 
 def test_backward_is_deterministic(backend):
-    device = _device(backend)
+    device = require(backend, "attention", head_dim=64)
     q, k, v = _inputs(1, 2, 70, 90, 64, torch.float32, device)
     dout = torch.randn(1, 2, 70, 64, device=device)
     runs = [_grads(attention(q, k, v, causal=True, backend=backend), (q, k, v), dout) for _ in range(2)]
@@ -152,7 +141,7 @@ def test_no_quadratic_buffer(backend):
     """fwd + bwd at L = 4096 stays far below one fp32 L x L score matrix per head (kernels only)."""
     if backend == "torch":
         pytest.skip("the torch reference materialises the scores by design")
-    device = _device(backend, torch.bfloat16, 64)
+    device = require(backend, "attention", dtype=torch.bfloat16, head_dim=64)
     q, k, v = _inputs(1, 4, 4096, 4096, 64, torch.bfloat16, device)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -164,16 +153,12 @@ def test_no_quadratic_buffer(backend):
 
 # ---- Triton op internals: lse, split-KV, registration ----
 
-@pytest.fixture
-def triton_device():
-    return require("triton", "attention")
-
-
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("splits", [1, 3, 8])
-def test_triton_split_kv_and_lse(triton_device, causal, splits):
+def test_triton_split_kv_and_lse(causal, splits):
     from dera_fast.kernels.attention import attention_fwd
-    q, k, v = (t.detach() for t in _inputs(1, 2, 9, 200, 16, torch.float32, triton_device))
+    device = require("triton", "attention")
+    q, k, v = (t.detach() for t in _inputs(1, 2, 9, 200, 16, torch.float32, device))
     out, lse = attention_fwd(q, k, v, None, None, 9, 200, 0.3, causal, 200 - 9 - 50, num_splits=splits)
     out_ref, lse_ref = attention_ref(q, k, v, scale=0.3, causal=causal, q_offset=200 - 9 - 50, return_lse=True)
     assert_close_to_ref("out", out, out_ref, None)
@@ -192,7 +177,7 @@ def _op_args(device, varlen):
 
 def _fwd_bwd_ops(backend):
     """The (forward, backward) custom ops behind ``backend``, skipping where they do not exist."""
-    device = _device(backend, d=32)
+    device = require(backend, "attention", head_dim=32)
     if backend == "torch":
         pytest.skip("the torch backend is plain PyTorch (no custom op)")
     ns = torch.ops.dera_fast_C if backend in ("cuda", "cpp") else torch.ops.dera_fast
@@ -233,7 +218,7 @@ def test_gradcheck_reference():
 
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
 def test_torch_compile_fullgraph(backend, varlen):
-    device = _device(backend, d=32)
+    device = require(backend, "attention", head_dim=32)
     q, k, v = _inputs(1, 2, 24, 24, 32, torch.float32, device)
     cu = torch.tensor([0, 10, 24], dtype=torch.int32, device=device) if varlen else None
 

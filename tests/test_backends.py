@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from conftest import require
 
 import dera_fast
 from dera_fast import backends
@@ -208,8 +209,7 @@ def test_error_lists_only_backends_that_can_run():
 
 
 def test_auto_rules_decide_per_shape_class(monkeypatch):
-    if backends.why_unavailable("cpp", "vq_nearest", "cpu") is not None:
-        pytest.skip("needs the C++ CPU vq_nearest kernel")
+    require("cpp", "vq_nearest")
     x = torch.zeros(1)
     assert pick("vq_nearest", IMPLS, x, shape={"N": 10, "K": 10, "D": 16})[0] == "cpp"
     monkeypatch.setitem(backends.AUTO_RULES["cpu"], "vq_nearest", {"cpp": lambda N, K, D: D < 64})

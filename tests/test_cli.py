@@ -72,6 +72,26 @@ def test_reconstruct(workdir, capsys, src, extra):
         assert "PSNR" in capsys.readouterr().out
 
 
+def test_ignored_flags_are_named(workdir, tmp_path, caplog):
+    """A flag the run cannot use is named in one warning line (with the reason), and the run goes on."""
+    if not (workdir / "one.safetensors").exists():
+        pytest.skip("needs the token file of test_tokenize_file_and_folder")
+    tok = str(workdir / "tok" / "model")
+    with caplog.at_level("WARNING", logger="dera_fast"):
+        assert main(["reconstruct", str(workdir / "one.safetensors"), str(tmp_path / "r.png"), "--model", tok,
+                     "--fps", "4", "--no-progress"]) == 0
+    assert (tmp_path / "r.png").is_file()
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("warning: --fps ignored: a .png output") for m in lines), lines
+    assert any("tokenized with stride 4, not the clip length 8: its clips overlap" in m for m in lines), lines
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dera_fast"):
+        assert main(["tokenize", str(workdir / "videos"), str(tmp_path / "t.safetensors"), "--model", tok,
+                     "--label", "3", "--no-progress"]) == 0
+    assert [r.getMessage() for r in caplog.records] == [
+        "warning: --label ignored: a folder's labels come from its class subfolders"]
+
+
 def test_generate_and_bench(workdir, tmp_path, capsys):
     out = tmp_path / "gen.png"
     assert main(["generate", str(out), "--model", str(workdir / "gen" / "model"), "--tokenizer",

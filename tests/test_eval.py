@@ -123,6 +123,12 @@ def test_generator_results(results):
     assert set(g["models"]) == {"generator", "tokenizer"}
 
 
+def test_frame_prediction_flags_named_when_ignored(assets, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="dera_fast"):
+        assert main(gen_args(assets, tmp_path / "g.json", "gen", "--context-frames", "3", "--fp-size", "0")) == 0
+    assert "warning: --context-frames and --fp-size ignored: the generator is class-conditional" in caplog.text
+
+
 def test_psnr_is_mean_of_per_video_psnr(assets, results):
     """PSNR = mean over videos of -10 log10(per-video MSE) on [0, 1], not -10 log10 of the mean MSE."""
     from dera_fast.data import VideoFolderDataset

@@ -10,6 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close_to_ref
 from safetensors.torch import save_file
 
 from dera_fast.models import DeRATokenizer, RandomTeacher, Teacher, compute_targets
@@ -194,8 +195,8 @@ def test_dinov2_position_resize_hub_vs_hf(tmp_path):
     assert (t_hub.config.pos_interp_offset, t_hf.config.pos_interp_offset) == (0.1, 0.0)
     table = hub["pos_embed"][:, 1:]
     want_hub, want_hf = _resize_np(table, 3, 4, 3 / 4.1), _resize_np(table, 3, 4, 3 / 4)
-    torch.testing.assert_close(t_hub.patch_position_table()[0].double(), want_hub, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(t_hf.patch_position_table()[0].double(), want_hf, atol=1e-5, rtol=1e-5)
+    assert_close_to_ref("hub table", t_hub.patch_position_table()[0], want_hub, None, floor=1e-5)
+    assert_close_to_ref("HF table", t_hf.patch_position_table()[0], want_hf, None, floor=1e-5)
     rel = (want_hub - want_hf).norm() / want_hf.norm()
     assert rel > 1e-2  # the two formulas really differ at this size
     x = clip()
@@ -250,7 +251,7 @@ def test_hf_layout_matches_transformers(name, tmp_path):
         torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
         want = model(pixel_values=pixels).last_hidden_state[:, 1 + registers:]
-    torch.testing.assert_close(ours.features(x), want, atol=1e-5, rtol=1e-5)
+    assert_close_to_ref("features vs transformers", ours.features(x), want, None)
 
 
 def test_image_vit_errors_list_keys(tmp_path):

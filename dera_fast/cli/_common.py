@@ -4,6 +4,7 @@ provenance checks."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 from pathlib import Path
@@ -48,11 +49,31 @@ def _float_type(lo: float | None, hi: float | None, *, lo_open: bool, name: str)
     return parse
 
 
+def int_at_least(lo: int):
+    """An argparse type: an integer >= ``lo``."""
+    return _int_type(lo, f"an integer >= {lo}")
+
+
 positive_int = _int_type(1, "a positive integer")
 non_negative_int = _int_type(0, "an integer >= 0")
 positive_float = _float_type(0.0, None, lo_open=True, name="a finite number > 0")
 finite_float = _float_type(None, None, lo_open=False, name="a finite number")
 probability = _float_type(0.0, 1.0, lo_open=True, name="a number in (0, 1]")
+
+
+def parse_set(items) -> dict:
+    """``--set KEY=VALUE`` items (a list, or None) -> {key: value}; a value is read as JSON where it parses, else
+    kept as the string (``--set data=clips/`` needs no quotes)."""
+    overrides = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CLIError(f"--set expects key=value, got {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
 
 
 # ------------------------------------------------------------------------------------------------ options
@@ -71,6 +92,11 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for torch (default: torch's choice; the demo uses 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_provenance_option(p: argparse.ArgumentParser, help: str) -> None:
+    """``--ignore-provenance``: use tokens even where their recorded tokenizer is not the one given."""
+    p.add_argument("--ignore-provenance", action="store_true", help=help)
 
 
 def add_overwrite_option(p: argparse.ArgumentParser) -> None:
@@ -152,6 +178,13 @@ def check_token_provenance(record: dict, model, *, source: str, ignore: bool) ->
                not (k == "tokenizer_config_hash" and "config_hash" in record)]
     if missing and not problems:
         log.warning("warning: %s records no %s: its tokenizer cannot be verified", source, " or ".join(missing))
+
+
+def warn_ignored(flags: list[str], why: str) -> None:
+    """One warning line naming the command-line ``flags`` the user gave that this run cannot use, and why."""
+    if flags:
+        names = flags[0] if len(flags) == 1 else ", ".join(flags[:-1]) + " and " + flags[-1]
+        log.warning("warning: %s ignored: %s", names, why)
 
 
 def read_clip_video(path, model, fps):

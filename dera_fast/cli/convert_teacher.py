@@ -1,9 +1,7 @@
 """``dera_fast convert-teacher IN OUT.safetensors``: a pickle-free, self-describing copy of a teacher checkpoint."""
 from __future__ import annotations
 
-import json
-
-from ._common import CLIError
+from ._common import CLIError, parse_set
 
 
 def add_parser(sub) -> None:
@@ -21,15 +19,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from dera_fast.convert.teacher import convert_teacher
 
-    overrides = {}
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise CLIError(f"--set expects key=value, got {item!r}")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+    overrides = parse_set(args.set)
     try:
         info = convert_teacher(args.input, args.output, arch=args.arch, overwrite=args.overwrite, **overrides)
     except FileExistsError as e:

@@ -4,45 +4,20 @@ FP FVD) on a video folder or CSV split, plain or under ``torchrun``; result file
 from __future__ import annotations
 
 import argparse
-import math
+import contextlib
 from pathlib import Path
 
-from ._common import CLIError, add_common_options, load_tokenizer, resolve_dtype
-
-
-def _int_at_least(lo: int):
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
-        return v
-    return parse
-
-
-def _finite_float(lo: float | None = None, hi: float | None = None, lo_open: bool = False):
-    def parse(s: str) -> float:
-        try:
-            v = float(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-        if not math.isfinite(v) or (lo is not None and (v <= lo if lo_open else v < lo)) or \
-                (hi is not None and v > hi):
-            rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]"
-            raise argparse.ArgumentTypeError(f"must be a finite number in {rng}, got {s}")
-        return v
-    return parse
+from ._common import (CLIError, add_common_options, finite_float, int_at_least, load_tokenizer, non_negative_int,
+                      positive_float, positive_int, probability, resolve_dtype, warn_ignored)
 
 
 def _shared(p: argparse.ArgumentParser, default_seed: int, default_batch: int) -> None:
     p.add_argument("--data", required=True, help="LARP CSV split (id,path,action,label) or a folder of videos")
     p.add_argument("--root", default=None, help="base folder of relative CSV paths (default: the CSV's folder)")
     p.add_argument("--i3d", required=True, help="StyleGAN-V's I3D TorchScript (i3d_torchscript.pt; trusted file)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=default_batch, help="clips per global batch")
-    p.add_argument("--seed", type=_int_at_least(0), default=default_seed)
-    p.add_argument("--workers", type=_int_at_least(0), default=2, help="data-loading processes per rank")
+    p.add_argument("--batch-size", type=positive_int, default=default_batch, help="clips per global batch")
+    p.add_argument("--seed", type=non_negative_int, default=default_seed)
+    p.add_argument("--workers", type=non_negative_int, default=2, help="data-loading processes per rank")
     p.add_argument("--out", default=None, help="result JSON (default: eval_<what>.json); the real-clip I3D "
                                                "statistics are cached next to it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -59,21 +34,21 @@ def add_parser(sub) -> None:
     t.add_argument("--lpips-vgg", default=None, help="VGG16 backbone .safetensors (torchvision layout) for LPIPS")
     t.add_argument("--lpips-heads", default=None, help="LPIPS linear heads .safetensors (default: the installed "
                                                        "lpips package's, else uniform heads, reported apart)")
-    t.add_argument("--num-videos", type=_int_at_least(2), default=None,
+    t.add_argument("--num-videos", type=int_at_least(2), default=None,
                    help="a seeded subset of this many videos (default: all, LARP's protocol)")
     _shared(t, default_seed=0, default_batch=8)
     g = ev.add_parser("generator", help="gFVD (class-conditional) or FP FVD (frame prediction)")
     g.add_argument("--model", required=True, help="generator folder")
     g.add_argument("--tokenizer", required=True, help="tokenizer folder")
-    g.add_argument("--num-samples", type=_int_at_least(2), default=None,
+    g.add_argument("--num-samples", type=int_at_least(2), default=None,
                    help="generated clips (default: LARP's 10000 class-conditional, 50000 frame prediction)")
-    g.add_argument("--cfg", type=_finite_float(), default=1.0, help="classifier-free guidance (LARP UCF: 1.25)")
-    g.add_argument("--temperature", type=_finite_float(0.0, None, lo_open=True), default=1.0)
-    g.add_argument("--top-k", type=_int_at_least(0), default=0)
-    g.add_argument("--top-p", type=_finite_float(0.0, 1.0, lo_open=True), default=1.0)
-    g.add_argument("--context-frames", type=_int_at_least(1), default=5, help="frame prediction (LARP: 5)")
-    g.add_argument("--fp-size", type=_int_at_least(0), default=64,
-                   help="frame prediction: resize both sides before I3D (LARP: 64; 0 = no resize)")
+    g.add_argument("--cfg", type=finite_float, default=1.0, help="classifier-free guidance (LARP UCF: 1.25)")
+    g.add_argument("--temperature", type=positive_float, default=1.0)
+    g.add_argument("--top-k", type=non_negative_int, default=0)
+    g.add_argument("--top-p", type=probability, default=1.0)
+    g.add_argument("--context-frames", type=positive_int, default=None, help="frame prediction (default, LARP: 5)")
+    g.add_argument("--fp-size", type=non_negative_int, default=None,
+                   help="frame prediction: resize both sides before I3D (default, LARP: 64; 0 = no resize)")
     g.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="compile the decode step (auto: on CUDA)")
     _shared(g, default_seed=42, default_batch=32)
@@ -105,17 +80,31 @@ def _check_files(**paths) -> None:
             raise CLIError(f"--{flag.replace('_', '-')} {path}: file not found")
 
 
-def _dist(args):
-    """(DistInfo, whether this command created the process group and so destroys it at the end)."""
+@contextlib.contextmanager
+def _process_group(args):
+    """The run's DistInfo; the process group is destroyed at the end only when this command created it (a caller's
+    group, several commands in one process, stays up)."""
     import torch.distributed as dist
 
-    from dera_fast.train.distributed import init_distributed
+    from dera_fast.train.distributed import cleanup, init_distributed
 
     owned = not dist.is_initialized()
     try:
-        return init_distributed(args.device), owned
+        info = init_distributed(args.device)
     except ValueError as e:
         raise CLIError(str(e)) from None
+    try:
+        yield info
+    finally:
+        if owned:
+            cleanup()
+
+
+def _run_options(args, info, out: Path) -> dict:
+    """The keyword arguments both evaluations take from the shared options."""
+    return dict(batch_size=args.batch_size, seed=args.seed, workers=args.workers,
+                cache_dir=None if args.no_cache else out.parent, progress=False if args.no_progress else None,
+                info=info)
 
 
 def _write(out: Path, result: dict) -> None:
@@ -130,21 +119,17 @@ def _write(out: Path, result: dict) -> None:
 
 def _run_tokenizer(args) -> int:
     from dera_fast.eval import evaluate_tokenizer
-    from dera_fast.train.distributed import cleanup
 
     _check_files(i3d=args.i3d, lpips_vgg=args.lpips_vgg, lpips_heads=args.lpips_heads)
     if not Path(args.data).exists():
         raise CLIError(f"--data {args.data}: not found")
     out = _check_out(args, [args.data, args.i3d, args.lpips_vgg, args.lpips_heads,
                             Path(args.model) / "model.safetensors", Path(args.model) / "config.json"])
-    info, owned = _dist(args)
-    try:
+    with _process_group(args) as info:
         model = load_tokenizer(args.model, info.device).to(resolve_dtype(args, info.device))
         res = evaluate_tokenizer(model, args.data, i3d=args.i3d, root=args.root, lpips_vgg=args.lpips_vgg,
-                                 lpips_heads=args.lpips_heads, num_videos=args.num_videos,
-                                 batch_size=args.batch_size, seed=args.seed, workers=args.workers,
-                                 cache_dir=None if args.no_cache else out.parent,
-                                 progress=False if args.no_progress else None, info=info, model_path=args.model)
+                                 lpips_heads=args.lpips_heads, num_videos=args.num_videos, model_path=args.model,
+                                 **_run_options(args, info, out))
         if info.is_main:
             m, t = res["metrics"], res["throughput"]
             lp = next((f"  {k.upper()} {m[k]:.4f}" for k in ("lpips", "lpips_uniform_heads") if k in m), "")
@@ -153,16 +138,12 @@ def _run_tokenizer(args) -> int:
                   f"{100 * m['codebook_usage']:.1f}% (perplexity {m['codebook_perplexity']:.0f})  "
                   f"[{m['num_videos']} videos, {t['clips_per_s']:.2f} clips/s, world size {info.world_size}]")
             _write(out, res)
-    finally:
-        if owned:  # a caller's process group (several commands in one process) stays up
-            cleanup()
     return 0
 
 
 def _run_generator(args) -> int:
     from dera_fast.eval import evaluate_generator
     from dera_fast.models.ar import ARGenerator
-    from dera_fast.train.distributed import cleanup
 
     _check_files(i3d=args.i3d)
     if not Path(args.data).exists():
@@ -171,28 +152,27 @@ def _run_generator(args) -> int:
         raise CLIError(f"--model {args.model}: no model.safetensors there (expected a generator folder)")
     out = _check_out(args, [args.data, args.i3d, Path(args.model) / "model.safetensors",
                             Path(args.tokenizer) / "model.safetensors"])
-    info, owned = _dist(args)
-    try:
+    with _process_group(args) as info:
         dtype = resolve_dtype(args, info.device)
         gen = ARGenerator.from_pretrained(args.model, device=info.device).to(dtype)
         tok = load_tokenizer(args.tokenizer, info.device).to(dtype)
         compile_ = args.compile == "on" or (args.compile == "auto" and info.device.type == "cuda")
+        if not gen.config.frame_prediction:
+            warn_ignored([f for f, v in (("--context-frames", args.context_frames), ("--fp-size", args.fp_size))
+                          if v is not None], "the generator is class-conditional (they set up frame prediction)")
+        context_frames = 5 if args.context_frames is None else args.context_frames
+        fp_size = 64 if args.fp_size is None else args.fp_size or None
         res = evaluate_generator(gen, tok, args.data, i3d=args.i3d, root=args.root, num_samples=args.num_samples,
                                  cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k,
-                                 top_p=args.top_p, context_frames=args.context_frames, fp_size=args.fp_size or None,
-                                 batch_size=args.batch_size, seed=args.seed, compile=compile_,
-                                 workers=args.workers, cache_dir=None if args.no_cache else out.parent,
-                                 progress=False if args.no_progress else None, info=info,
-                                 model_paths={"generator": args.model, "tokenizer": args.tokenizer})
+                                 top_p=args.top_p, context_frames=context_frames, fp_size=fp_size,
+                                 compile=compile_, model_paths={"generator": args.model, "tokenizer": args.tokenizer},
+                                 **_run_options(args, info, out))
         if info.is_main:
             m, t = res["metrics"], res["throughput"]
             name = "FP FVD" if "fp_fvd" in m else "gFVD"
             print(f"{name} {m.get('fp_fvd', m.get('gfvd')):.2f}  [{m['num_samples']} samples, cfg {args.cfg}, "
                   f"{t['samples_per_s']:.2f} samples/s, world size {info.world_size}]")
             _write(out, res)
-    finally:
-        if owned:  # a caller's process group (several commands in one process) stays up
-            cleanup()
     return 0
 
 

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._common import (CLIError, add_common_options, add_overwrite_option, check_token_provenance, finite_float,
-                      load_tokenizer, log, model_files, non_negative_int, positive_float, positive_int,
-                      probability, read_clip_video, resolve_device, video_output)
+from ._common import (CLIError, add_common_options, add_overwrite_option, add_provenance_option,
+                      check_token_provenance, finite_float, load_tokenizer, model_files, non_negative_int,
+                      positive_float, positive_int, probability, read_clip_video, resolve_device, video_output,
+                      warn_ignored)
 
 
 def add_parser(sub) -> None:
@@ -23,9 +24,8 @@ def add_parser(sub) -> None:
     p.add_argument("--top-k", type=non_negative_int, default=0, help="0 = off")
     p.add_argument("--top-p", type=probability, default=1.0, help="in (0, 1]; 1 = off")
     p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--fps", type=positive_float, default=8.0)
-    p.add_argument("--ignore-provenance", action="store_true",
-                   help="sample even if the generator was trained on another tokenizer's tokens")
+    p.add_argument("--fps", type=positive_float, default=None, help="frame rate of an .mp4 / .gif output (default 8)")
+    add_provenance_option(p, "sample even if the generator was trained on another tokenizer's tokens")
     add_overwrite_option(p)
     add_common_options(p)
     p.set_defaults(func=run)
@@ -74,15 +74,17 @@ def run(args) -> int:
     else:
         if gcfg.frame_prediction:
             raise CLIError("this generator predicts frames: use --context in.mp4")
-        if args.context_frames is not None:
-            log.warning("warning: --context-frames ignored (class-conditional sampling)")
+        warn_ignored(["--context-frames"] if args.context_frames is not None else [],
+                     "the generator is class-conditional (it takes no context)")
         bad = [c for c in args.class_ids if not 0 <= c < gcfg.num_classes]
         if bad:
             raise CLIError(f"--class {bad[0]} is out of range: the generator has {gcfg.num_classes} classes")
         labels = torch.tensor(args.class_ids).repeat_interleave(args.num)
         res = generate(gen, class_labels=labels.to(device), **kw)
     video = res.video.float().cpu().clamp(*tok.config.pixel_range)
+    if out.suffix.lower() == ".png":
+        warn_ignored(["--fps"] if args.fps is not None else [], "a .png output is a still strip of frames")
     viz.save_video_grid(viz.samples_grid(video, labels, value_range=tok.config.pixel_range), out,
-                        args.fps, value_range=tok.config.pixel_range)
+                        args.fps or 8.0, value_range=tok.config.pixel_range)
     print(f"wrote {video.shape[0]} samples to {out} ({res.stats['tokens_per_s']:.0f} tokens/s)")
     return 0

@@ -15,7 +15,7 @@ import os
 import re
 from pathlib import Path
 
-from ._common import CLIError
+from ._common import CLIError, warn_ignored
 
 _TMP = re.compile(r"^\..+\.tmp(\d+)\.mp4$")  # VideoWriter's temporary names: .<stem>.tmp<pid>.mp4
 
@@ -180,6 +180,8 @@ def run(args) -> int:
         raise CLIError(f"SRC not found: {src}")
     if dst.exists() and not dst.is_dir():
         raise CLIError(f"DST exists and is not a folder: {dst}")
+    if args.root and src.suffix.lower() != ".csv":
+        warn_ignored(["--root"], "it resolves the relative paths of a CSV, and SRC is a folder")
     entries, header, base = _entries(src, Path(args.root) if args.root else None)
     base_r, dst_r = base.resolve(), dst.resolve()
     if _inside(dst_r, base_r) or _inside(base_r, dst_r):

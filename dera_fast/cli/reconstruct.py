@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ._common import (CLIError, add_common_options, add_overwrite_option, check_token_provenance, load_tokenizer,
-                      model_files, positive_int, resolve_device, resolve_dtype, video_output)
+from ._common import (CLIError, add_common_options, add_overwrite_option, add_provenance_option,
+                      check_token_provenance, load_tokenizer, log, model_files, positive_int, resolve_device,
+                      resolve_dtype, video_output, warn_ignored)
 
 
 def add_parser(sub) -> None:
@@ -23,8 +24,7 @@ def add_parser(sub) -> None:
     p.add_argument("--fps", type=float, default=None,
                    help="resample the input to this frame rate (default: native) and write at it")
     p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--ignore-provenance", action="store_true",
-                   help="decode a token file even if another tokenizer made it")
+    add_provenance_option(p, "decode a token file even if another tokenizer made it")
     add_overwrite_option(p)
     add_common_options(p)
     p.set_defaults(func=run)
@@ -78,13 +78,20 @@ def run(args) -> int:
     bar = tqdm(unit="frame", desc="reconstruct", disable=True if args.no_progress else None, dynamic_ncols=True)
     try:
         if src.suffix == ".safetensors":
-            if args.metrics or args.side_by_side:
+            if args.metrics or args.side_by_side:  # asked-for output that cannot exist: an error, not a warning
                 raise CLIError("--metrics and --side-by-side need a video input (a token file has no pixels)")
             ids, _, meta = load_tokens(src)
             check_token_provenance(meta, model, source=str(src), ignore=args.ignore_provenance)
             if ids.shape[1] != model.tokens_per_clip or int(meta["codebook_size"]) != model.codebook_size:
                 raise CLIError(f"{src} holds {ids.shape[1]}-token clips over {meta['codebook_size']} codes; "
                                f"the model expects {model.tokens_per_clip} over {model.codebook_size}")
+            stride = int(meta.get("stride", clip_len))
+            if stride != clip_len:
+                log.warning("note: %s was tokenized with stride %d, not the clip length %d: its clips %s, and they "
+                            "are written one after another, each in full", src, stride, clip_len,
+                            "overlap" if stride < clip_len else "leave gaps")
+            if out.suffix.lower() == ".png":
+                warn_ignored(["--fps"] if args.fps else [], "a .png output is a still strip of frames")
             fps = args.fps or (float(meta["fps"]) if meta.get("fps", "native") != "native" else 8.0)
             bar.total = ids.shape[0] * clip_len
             with VideoWriter(out, fps, value_range=pixel_range) as writer:

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from ._common import (CLIError, add_common_options, add_overwrite_option, load_tokenizer, model_files, output_path,
-                      positive_float, positive_int, resolve_device, resolve_dtype)
+                      positive_float, positive_int, resolve_device, resolve_dtype, warn_ignored)
 
 
 def add_parser(sub) -> None:
@@ -19,11 +19,24 @@ def add_parser(sub) -> None:
     p.add_argument("--model", required=True, help="tokenizer folder")
     p.add_argument("--stride", type=positive_int, default=None, help="frames between clip starts (default: clip length)")
     p.add_argument("--fps", type=positive_float, default=None, help="resample to this frame rate (default: native)")
-    p.add_argument("--label", type=int, default=-1, help="class id stored for a single input file")
+    p.add_argument("--label", type=int, default=None,
+                   help="class id stored for a single input file (default -1; a folder's labels are its subfolders)")
     p.add_argument("--batch-size", type=positive_int, default=8)
     add_overwrite_option(p)
     add_common_options(p)
     p.set_defaults(func=run)
+
+
+_VIDEO_BAR = "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total} videos [{elapsed}<{remaining}{postfix}]"
+
+
+def _done(stream, per_video: bool, finished: bool = False) -> float:
+    """How far the job's bar has got in this file: frames read, or (a folder) the fraction of this video read."""
+    if not per_video:
+        return stream.frames_read
+    if finished or not stream.expected_frames:
+        return float(finished)
+    return min(stream.frames_read / stream.expected_frames, 0.999)
 
 
 def run(args) -> int:
@@ -42,27 +55,33 @@ def run(args) -> int:
     if src.is_dir():
         ds = VideoFolderDataset(src, frames=clip_len, size=cfg.size, index=False)  # listing and labels only
         files, labels, classes = ds.paths, ds.labels, ds.classes
+        warn_ignored(["--label"] if args.label is not None else [],
+                     "a folder's labels come from its class subfolders")
     elif src.is_file():
-        files, labels, classes = [src], [args.label], []
+        files, labels, classes = [src], [-1 if args.label is None else args.label], []
     else:
         raise CLIError(f"input not found: {src}")
     stride = args.stride or clip_len
     all_ids, all_labels, starts = [], [], []
-    bar = tqdm(total=None, unit="frame", desc="tokenize", disable=True if args.no_progress else None,
-               dynamic_ncols=True)
+    # One bar for the whole job, with a known total from the start: a folder counts videos (advancing by the
+    # fraction of each video read, so a long one still moves it), a single file counts its frames.
+    per_video = len(files) > 1
+    bar = tqdm(total=len(files) if per_video else None, unit="video" if per_video else "frame", desc="tokenize",
+               disable=True if args.no_progress else None, dynamic_ncols=True,
+               bar_format=_VIDEO_BAR if per_video else None)
     try:
         for path, label in zip(files, labels):
             stream = iter_clips(path, clip_len, stride, size=cfg.size, fps=args.fps, value_range=cfg.pixel_range)
-            if stream.expected_frames:
-                bar.total = (bar.total or 0) + stream.expected_frames
+            if not per_video and stream.expected_frames:
+                bar.total = stream.expected_frames
             bar.set_postfix_str(path.name)
             shown, clips = 0, 0
-            for _, ids in model.encode_stream(stream, args.batch_size, progress=False):  # the job has one bar
+            for _, ids in model.encode_stream(stream, args.batch_size, progress=False):
                 all_ids.append(ids)
                 clips += ids.shape[0]
-                bar.update(stream.frames_read - shown)
-                shown = stream.frames_read
-            bar.update(stream.frames_read - shown)
+                bar.update(_done(stream, per_video) - shown)
+                shown = _done(stream, per_video)
+            bar.update(_done(stream, per_video, finished=True) - shown)
             all_labels += [label] * clips
             starts += [i * stride for i in range(clips)]
     finally:

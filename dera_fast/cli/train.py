@@ -5,7 +5,9 @@ import json
 import os
 from pathlib import Path
 
-from ._common import CLIError, add_common_options, non_negative_int, positive_float, positive_int
+from dera_fast._validation import parse_json_object
+
+from ._common import CLIError, add_common_options, non_negative_int, parse_set, positive_float, positive_int
 
 
 def add_parser(sub) -> None:
@@ -52,15 +54,7 @@ def train_config(args):
         from dera_fast.train.generator import GeneratorTrainConfig as Cfg
     if (args.config is None) == (args.preset is None):
         raise CLIError("give exactly one of --config cfg.json or --preset NAME")
-    overrides = {}
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise CLIError(f"--set expects key=value, got {item!r}")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+    overrides = parse_set(args.set)
     only = {"tokenizer": ("teacher_image", "teacher_video", "teachers"), "generator": ("tokens", "task", "tokenizer")}
     other = "generator" if args.what == "tokenizer" else "tokenizer"
     for key in only[other]:
@@ -78,11 +72,9 @@ def train_config(args):
         if not path.is_file():
             raise CLIError(f"config file not found: {path}")
         try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CLIError(f"{path} is not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise CLIError(f"{path} must hold a JSON object of config fields, got {type(data).__name__}")
+            data = parse_json_object(path.read_bytes(), path, "a JSON object of config fields")
+        except ValueError as e:
+            raise CLIError(str(e)) from None
     try:
         if args.config is not None:
             return Cfg.from_dict({**data, **overrides})

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from dera_fast.models.config import TokenizerConfig
 from dera_fast.models.larp import LARPTokenizer
-from dera_fast.models.tokenizer_base import load_state_dict_strict, rename_key
+from dera_fast.models.pretrained import load_state_dict_strict, rename_key
 
 # GPTC presets of LARP's models/gptc.py: name -> (n_layer, n_head, n_embd)
 GPTC_SIZES = {"gptc-L": (24, 16, 1024), "gptc-B": (12, 12, 768), "gptc-M": (12, 8, 512),

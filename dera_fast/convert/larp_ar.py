@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from dera_fast.models.ar import ARGenerator, GeneratorConfig
-from dera_fast.models.tokenizer_base import rename_key
+from dera_fast.models.pretrained import rename_key
 
 # LARP key regex -> dera_fast key template
 KEY_MAP = [

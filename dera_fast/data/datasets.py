@@ -18,10 +18,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
+from .._validation import check_value_range
 from .decode import VIDEO_SUFFIXES, open_video
 from .index import VideoIndex, default_index_path
 from .io import _frame_indices, _step, read_clip
-from .transforms import DEFAULT_RANGE, FrameResizer, _check_range, repeat_last_frame
+from .transforms import DEFAULT_RANGE, FrameResizer, repeat_last_frame
 
 _UCF_NAME = re.compile(r"^v_([^_]+)_g\d+_c\d+$")  # UCF-101 file names: v_<Action>_gXX_cXX
 
@@ -107,7 +108,7 @@ class VideoFolderDataset(Dataset):
                  index_workers: int | None = None, progress: bool | None = None):
         if frames <= 0 or size <= 0:
             raise ValueError(f"frames and size must be positive, got frames={frames}, size={size}")
-        self.value_range = _check_range(value_range)
+        self.value_range = check_value_range(value_range)
         source = Path(source)
         if source.suffix.lower() == ".csv":
             entries = read_larp_csv(source, root)

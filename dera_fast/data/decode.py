@@ -94,11 +94,21 @@ def expand_timeline(data) -> np.ndarray | None:
     return np.asarray(data, dtype=np.int64)
 
 
+class Closing:
+    """``with reader: ...`` closes the reader (its ``close()``) on exit."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 class _Mismatch(Exception):
     """The seek path found something the timeline did not predict."""
 
 
-class VideoSource:
+class VideoSource(Closing):
     """One open video file (PyAV). Use as a context manager.
 
     Args:
@@ -143,12 +153,6 @@ class VideoSource:
 
     def close(self) -> None:
         self.container.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def _error(self, e) -> ValueError:
         return ValueError(f"could not decode video {self.path}: {e}")
@@ -305,7 +309,7 @@ def _decode_packets(source: VideoSource, target: int):
             cc.skip_frame = "DEFAULT"
 
 
-class GifSource:
+class GifSource(Closing):
     """A GIF read frame by frame through Pillow, with :class:`VideoSource`'s interface (frames as uint8 RGB)."""
 
     def __init__(self, path):
@@ -328,12 +332,6 @@ class GifSource:
 
     def close(self) -> None:
         self._im.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def timeline(self):
         return None

@@ -25,8 +25,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .decode import AV_SUFFIXES, VIDEO_SUFFIXES, MissingDependencyError, open_video, require_av
-from .transforms import (DEFAULT_RANGE, FrameResizer, _check_range, frame_to_float, frames_to_clip,
+from .._validation import check_value_range
+from .decode import AV_SUFFIXES, VIDEO_SUFFIXES, Closing, MissingDependencyError, open_video, require_av
+from .transforms import (DEFAULT_RANGE, FrameResizer, frame_to_float, frames_to_clip,
                          repeat_last_frame, resize_video, uint8_to_video, video_to_uint8)
 from .writer import WRITE_SUFFIXES, VideoWriter, write_png_strip, write_video
 
@@ -112,7 +113,7 @@ def read_video(path, frames: int | None = None, size: int | tuple[int, int] | No
         MissingDependencyError: PyAV is needed and not installed.
     """
     _check_args(frames, start, fps)
-    lo, hi = _check_range(value_range)
+    lo, hi = check_value_range(value_range)
     resizer = FrameResizer(size, resize)
     with open_video(path, threads=threads, timeline=timeline) as source:
         return read_clip(source, frames, fps, start, resizer, (lo, hi))
@@ -133,14 +134,14 @@ def iter_frames(path, size: int | tuple[int, int] | None = None, fps: float | No
                 threads: int = 0) -> Iterator[torch.Tensor]:
     """Yield the frames :func:`read_video` would return, one float ``[3, H, W]`` at a time, decoding as it goes."""
     _check_args(frames, start, fps)
-    lo, hi = _check_range(value_range)
+    lo, hi = check_value_range(value_range)
     resizer = FrameResizer(size, resize)
     with open_video(path, threads=threads) as source:
         for _, f in _selected(source, _step(source.fps, fps), start, frames, resizer):
             yield frame_to_float(f) * (hi - lo) + lo
 
 
-class ClipStream:
+class ClipStream(Closing):
     """Clips of ``clip_len`` frames from a video file, yielded as they fill (see :func:`iter_clips`).
 
     Attributes (valid once created): ``fps`` (the output frame rate), ``expected_frames`` (output frames per the
@@ -158,7 +159,7 @@ class ClipStream:
             raise ValueError(f"stride must be positive, got {stride}")
         _check_args(None, 0, fps)
         self.clip_len, self.stride, self.pad = int(clip_len), int(stride), pad
-        self.lo, self.hi = _check_range(value_range)
+        self.lo, self.hi = check_value_range(value_range)
         self._resizer = FrameResizer(size, resize)
         self._source = open_video(path, threads=threads)  # opened now: a bad file fails before any output exists
         self._step = _step(self._source.fps, fps)
@@ -170,12 +171,6 @@ class ClipStream:
 
     def close(self) -> None:
         self._source.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         if self._started:

@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .._validation import check_value_range
 from .datasets import item_generator
 from .decode import MissingDependencyError, VideoSource
-from .transforms import DEFAULT_RANGE, FrameResizer, _check_range
+from .transforms import DEFAULT_RANGE, FrameResizer
 
 SAMPLE_VIDEOS = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")
 
@@ -103,7 +104,7 @@ class SampleVideoClips(Dataset):
         if not strides or any(int(s) <= 0 for s in strides):
             raise ValueError(f"strides must be positive ints, got {strides}")
         self.split, self.frames, self.size = split, frames, size
-        self.value_range = _check_range(value_range)
+        self.value_range = check_value_range(value_range)
         self.scale, self.strides, self.seed = tuple(scale), tuple(int(s) for s in strides), seed
         self.paths = [Path(p) for p in (videos if videos is not None else sample_videos().values())]
         if not self.paths:

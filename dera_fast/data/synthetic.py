@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .._validation import check_value_range
 from .datasets import item_generator
-from .io import DEFAULT_RANGE, MissingDependencyError, _check_range, resize_video, write_video
+from .io import DEFAULT_RANGE, MissingDependencyError, resize_video, write_video
 
 # name -> (package, path inside the package)
 IMAGES = {
@@ -192,7 +193,7 @@ class SyntheticClips(Dataset):
         if self.num_clips <= 0:
             raise ValueError(f"num_clips must be positive, got {num_clips}")
         self.frames, self.size, self.seed = frames, size, seed
-        self.value_range = _check_range(value_range)
+        self.value_range = check_value_range(value_range)
 
     @property
     def num_classes(self) -> int:

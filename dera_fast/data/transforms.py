@@ -18,20 +18,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._validation import check_value_range
+
 DEFAULT_RANGE = (-1.0, 1.0)
 RESIZE_MODES = ("exact", "fast", "area")
 
 
-def _check_range(value_range) -> tuple[float, float]:
-    lo, hi = (float(v) for v in value_range)
-    if not hi > lo:
-        raise ValueError(f"value_range must be (low, high) with high > low, got {value_range}")
-    return lo, hi
-
-
 def uint8_to_video(frames: np.ndarray | torch.Tensor, value_range=DEFAULT_RANGE) -> torch.Tensor:
     """uint8 frames ``[T, H, W, 3]`` -> float clip ``[3, T, H, W]`` in ``value_range``."""
-    lo, hi = _check_range(value_range)
+    lo, hi = check_value_range(value_range)
     x = torch.as_tensor(frames)
     if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[-1] != 3:
         raise ValueError(f"frames must be uint8 [T, H, W, 3], got {x.dtype} {tuple(x.shape)}")
@@ -58,7 +53,7 @@ def video_to_uint8(video: torch.Tensor, value_range=DEFAULT_RANGE) -> np.ndarray
         raise ValueError(f"video must be [3, T, H, W] (float), got shape {tuple(video.shape)}")
     if video.numel() == 0:
         raise ValueError(f"video must not be empty, got shape {tuple(video.shape)}")
-    lo, hi = _check_range(value_range)
+    lo, hi = check_value_range(value_range)
     x = ((video.detach().float().cpu() - lo) / (hi - lo)).clamp(0, 1)
     # NOTE: round-to-nearest (not truncation) so that uint8 -> float -> uint8 is the identity.
     return (x * 255.0).round().to(torch.uint8).permute(1, 2, 3, 0).contiguous().numpy()
@@ -215,7 +210,7 @@ def frames_to_clip(frames: list, value_range=(0.0, 1.0)) -> torch.Tensor:
     Computes ``x / 255 * (hi - lo) + lo`` like :func:`uint8_to_video`, but in one output buffer: at the loader's
     rates the extra full-size temporaries (and their page faults) cost as much as the resize.
     """
-    lo, hi = _check_range(value_range)
+    lo, hi = check_value_range(value_range)
     if all(isinstance(f, np.ndarray) for f in frames):
         src = torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2)  # uint8 [3, T, h, w] (a view)
         clip = torch.empty(src.shape, dtype=torch.float32).copy_(src).div_(255.0)

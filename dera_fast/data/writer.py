@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._validation import check_value_range
 from .decode import AV_SUFFIXES, require_av, require_pil
-from .transforms import DEFAULT_RANGE, _check_range, video_to_uint8
+from .transforms import DEFAULT_RANGE, video_to_uint8
 
 WRITE_SUFFIXES = AV_SUFFIXES + (".gif", ".png")
 
@@ -79,7 +80,7 @@ class VideoWriter:
         if self.suffix not in WRITE_SUFFIXES:
             raise ValueError(f"unsupported output type {self.path.suffix!r} for {self.path}; "
                              f"supported: {', '.join(WRITE_SUFFIXES)}")
-        _check_range(value_range)
+        check_value_range(value_range)
         self.fps, self.value_range, self.crf, self.png_every = float(fps), value_range, int(crf), png_every
         if self.suffix in AV_SUFFIXES:
             require_av()  # fail before any file exists

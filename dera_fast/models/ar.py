@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from .. import ops
 from .._config import PresetConfig
-from ..ops._checks import check_index_range, values_checked
+from .._validation import check_index_range, values_checked
+from .blocks import RMSNorm
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -99,6 +100,10 @@ class GeneratorConfig(PresetConfig):
         return self.max_seq_len + self.cls_token_num - 1
 
     @classmethod
+    def presets(cls) -> dict[str, dict[str, Any]]:
+        return PRESETS
+
+    @classmethod
     def from_name(cls, name: str, **overrides) -> "GeneratorConfig":
         """A preset (``tiny``, ``B``, ``L``, ``LP``) with overrides; ``frame_prediction=True`` alone also sets
         ``cls_token_num = max_seq_len + 1`` (LARP's K600 layout)."""
@@ -106,18 +111,6 @@ class GeneratorConfig(PresetConfig):
         if args.get("frame_prediction") and "cls_token_num" not in overrides:
             overrides = {**overrides, "cls_token_num": args.get("max_seq_len", cls.max_seq_len) + 1}
         return super().from_name(name, **overrides)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        # NOTE: normalise in fp32 and cast back before the weight, as LARP does (bit-compatible logits).
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
 class KVCache(nn.Module):

@@ -93,6 +93,20 @@ class InContextTransformer(nn.Module):
         return h
 
 
+class RMSNorm(nn.Module):
+    """RMSNorm as LARP's generator and InternVideo2 compute it: normalise in fp32, cast back to the input dtype,
+    then scale (so the logits match theirs bit for bit)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
 def xavier_init_linears(module: nn.Module) -> None:
     """LARP's `initialize_weights` pass: xavier_uniform weight and zero bias for every nn.Linear below module."""
     for m in module.modules():

@@ -32,6 +32,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .._validation import parse_json_object
+
 FORMAT_VERSION = 1
 
 # model_type -> "module:Class"; imported on demand (the model modules import this one)
@@ -111,16 +113,6 @@ def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") ->
         raise _safetensors_error(path, e) from None
 
 
-def _json_object(text: str, source) -> dict:
-    try:
-        obj = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{source} is not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{source} must hold a JSON object, got {type(obj).__name__}")
-    return obj
-
-
 def _check_version(version, source) -> int:
     if isinstance(version, str) and version.isdigit():
         version = int(version)
@@ -152,14 +144,14 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
             text = cfg_path.read_text()
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"cannot read {cfg_path} ({e})") from None
-        header = _json_object(text, cfg_path)
+        header = parse_json_object(text, cfg_path)
         source = cfg_path
     elif path.is_file():
         weights, source = path, path
         meta = read_metadata(path)
         if "dera_fast.config" not in meta:
             raise ValueError(f"{path} has no dera_fast.config metadata (not written by save_pretrained)")
-        config = _json_object(meta["dera_fast.config"], f"{path} (dera_fast.config metadata)")
+        config = parse_json_object(meta["dera_fast.config"], f"{path} (dera_fast.config metadata)")
         header = {"config": config, "model_type": meta.get("dera_fast.model_type"),
                   "format_version": meta.get("dera_fast.format_version", 0 if meta.get("dera_fast.kind") ==
                                              "generator" else 1)}

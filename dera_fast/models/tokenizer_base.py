@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from dera_fast._progress import progress_bar
-from dera_fast.ops._checks import check_finite, check_index_range, values_checked
+from dera_fast._validation import check_finite, check_index_range, values_checked
 
 from .blocks import InContextTransformer, xavier_init_linears
 from .config import TokenizerConfig

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dera_fast import backends
-from dera_fast.ops._checks import check_positive, check_same_device, check_tensor, values_checked
+from dera_fast._validation import check_positive, check_same_device, check_tensor, values_checked
 
 _OP = "attention"
 

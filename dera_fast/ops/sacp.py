@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ._checks import FLOAT_DTYPES
+from .._validation import FLOAT_DTYPES
 
 _ALL_DTYPES = FLOAT_DTYPES + (torch.float64,)
 GradList = Sequence[Optional[Tensor]]

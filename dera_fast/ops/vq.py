@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backends
-from ._checks import check_finite, check_index_range, check_inverse_finite, check_same_device, check_tensor
+from .._validation import check_finite, check_index_range, check_inverse_finite, check_same_device, check_tensor
 
 # NOTE: the torch path scores rows in fixed-size chunks, zero-padded to exactly _CHUNK rows, so every call runs the
 # same GEMM shape: a row's id then never depends on what else is in the batch (BLAS picks kernels by shape), and

@@ -3,6 +3,7 @@
 * :mod:`.tokenizer`   ``TokenizerTrainConfig`` / ``TokenizerTrainer`` (L1 + LPIPS-style + GAN + VQ + prior + DeRA
   alignment with SACP; DDP under torchrun)
 * :mod:`.generator`   ``GeneratorTrainConfig`` / ``GeneratorTrainer`` (token files, class dropout; FSDP2)
+* :mod:`.sacp`        SACP for training: DeRA's loss rewriting (Algorithm 1) and explicit per-group PCGrad
 * :mod:`.losses`      perceptual loss, transformer discriminator, GAN losses, LeCam
 * :mod:`.optim`       Adam param groups with persistent LR multipliers, warm-up + cosine, EMA
 * :mod:`.checkpoint`  atomic, pickle-free checkpoints (safetensors + JSON), keep-last-N, bit-exact resume

@@ -35,9 +35,8 @@ from dera_fast.models.pretrained import check_state_dict
 from .._config import PresetConfig
 from . import checkpoint as ckpt
 from .distributed import DistInfo, init_distributed
-from .loop import BatchStream, MetricsLog, autocast, run_steps
+from .loop import Trainer, autocast, run_steps
 from .optim import EMA, decay_split, make_adam, schedule_mult, set_lr
-from .schedule import apply_epochs
 from .tokens import load_tokens
 
 log = logging.getLogger("dera_fast.train")
@@ -92,6 +91,10 @@ class GeneratorTrainConfig(PresetConfig):
         if self.context_frames <= 0:
             raise ValueError(f"context_frames must be positive, got {self.context_frames}")
 
+    @classmethod
+    def presets(cls) -> dict[str, dict[str, Any]]:
+        return PRESETS  # the table below
+
 
 # LARP's AR runs (scripts/train_larp_ar*_reproduce.sh over cfgs/larp_ar*.yaml): AdamW lr 6e-4, betas (0.9, 0.95),
 # weight decay 0.05 on Linear weights, cosine to 0.01 x lr, global batch 64, bf16 AMP, no clipping, no EMA.
@@ -140,7 +143,7 @@ def load_frozen_tokenizer(path: str | os.PathLike, device):
         raise ValueError(f"tokenizer {path}: {e}") from None
 
 
-class GeneratorTrainer:
+class GeneratorTrainer(Trainer):
     """Builds the AR generator for its data and trains it (FSDP2 when launched with torchrun)."""
 
     def __init__(self, cfg: GeneratorTrainConfig, out_dir: str | Path, *, device: str = "auto",
@@ -183,12 +186,7 @@ class GeneratorTrainer:
         self.opt = make_adam(decay_split(self.model, weight_decay=cfg.weight_decay), cfg.lr, cfg.betas, adamw=True)
         # under FSDP2 the EMA shadows are DTensors sharded like the parameters (checkpoints gather them)
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-        self.stream = BatchStream(self.data, cfg.batch_size // self.info.world_size, self.info, seed=cfg.seed,
-                                  num_workers=cfg.num_workers)
-        self.schedule = apply_epochs(cfg, self.stream.steps_per_epoch, len(self.data))
-        self.step = 0
-        self.progress = progress if self.info.is_main else False  # None: the package setting
-        self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=self.info.is_main)
+        self._start_run(self.data, progress)
 
     def _video_data(self):
         """(VideoFolderDataset, vocab, tokens per clip, classes) for on-the-fly tokenization."""
@@ -249,12 +247,7 @@ class GeneratorTrainer:
         loss = F.cross_entropy(logits.float().flatten(0, 1), ids.flatten())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.opt.step()
-        if self.ema is not None:
-            self.ema.update(self.model)
-        self.step += 1
+        self._optimizer_step()
         return {"loss": float(loss.detach()), "lr": cfg.lr * mult}
 
     def train(self, on_log=None) -> dict[str, float]:
@@ -292,11 +285,6 @@ class GeneratorTrainer:
         shadow = self.ema.state_dict()
         return {k: distribute_tensor(v.to(self.device), shadow[k].device_mesh, shadow[k].placements)
                 for k, v in full.items() if k in shadow}
-
-    def _identity(self) -> dict:
-        from dera_fast.models.pretrained import architecture
-
-        return {"model_type": self.model.model_type, "architecture": architecture(self.model.config)}
 
     def tokenizer_provenance(self) -> dict:
         """What the generator's tokens are: model_type, tokens per clip, codebook size, architecture hash."""
@@ -347,11 +335,10 @@ class GeneratorTrainer:
         Damaged newer checkpoints are skipped with a warning; a checkpoint of another model type or architecture is
         refused (ValueError). Collective under torchrun (rank 0 picks, every rank loads).
         """
-        where = ckpt.resume_point(self.out, path, self.info)
-        if where is None:
+        opened = self._open_checkpoint(path)
+        if opened is None:
             return False
-        ckpt.check_same_model(where, self._identity())
-        step, weights, _, state = ckpt.load_checkpoint(where)
+        where, step, weights, state = opened
         if self.ema is not None and "ema" not in weights:
             raise ValueError(f"cannot resume {where}: it has no EMA weights (ema_decay was 0 when it was written); "
                              f"resume with the run's own ema_decay")
@@ -370,9 +357,4 @@ class GeneratorTrainer:
         if self.ema is not None:
             self.ema.load_state_dict(self._ema_local(weights["ema"]))
         self.stream.load_state_dict(state["data"])
-        ckpt.restore_rng(state, self.info)
-        self.step = step
-        self.metrics.rewind(step)
-        if self.info.is_main:
-            log.info("resumed from %s (step %d)", where, step)
-        return True
+        return self._finish_resume(where, step, state)

@@ -1,4 +1,5 @@
-"""Pieces both trainers share: a resumable sharded batch stream, the JSONL metrics log, progress bars, autocast."""
+"""Pieces both trainers share: the :class:`Trainer` base (run state, optimiser step, the two ends of resume), a
+resumable sharded batch stream, the JSONL metrics log, progress bars, autocast and the step loop."""
 from __future__ import annotations
 
 import contextlib
@@ -14,9 +15,11 @@ from tqdm import tqdm
 
 from dera_fast import _progress
 from dera_fast._files import check_output, clean_stale, write_text
-from dera_fast.data.loader import BatchStream  # noqa: F401 - the trainers import it from here
+from dera_fast.data.loader import BatchStream
 
+from . import checkpoint as ckpt
 from .distributed import cleanup, mean_across_ranks
+from .schedule import apply_epochs
 
 log = logging.getLogger("dera_fast.train")
 
@@ -66,6 +69,58 @@ class MetricsLog:
         if merged:
             last = max(merged)
             self._last = (last, len("".join(lines[:-1]).encode()), merged[last])
+
+
+class Trainer:
+    """What the tokenizer and generator trainers share. A subclass sets ``cfg``, ``out``, ``info``, ``device``,
+    ``model``, ``opt`` and ``ema`` (or None), calls :meth:`_start_run` once they exist, and builds its ``resume`` from
+    :meth:`_open_checkpoint` and :meth:`_finish_resume`."""
+
+    def _start_run(self, dataset, progress: bool | None) -> None:
+        """The run state: this rank's batch stream over ``dataset``, the epoch schedule (epochs -> steps from the
+        data, before anything reads ``cfg.steps``: cosine schedule, scheduled-sampling ramp), step 0, the progress
+        setting (rank 0 only; None: the package setting) and the metrics log."""
+        cfg, info = self.cfg, self.info
+        self.stream = BatchStream(dataset, cfg.batch_size // info.world_size, info, seed=cfg.seed,
+                                  num_workers=cfg.num_workers)
+        self.schedule = apply_epochs(cfg, self.stream.steps_per_epoch, len(dataset))
+        self.step = 0
+        self.progress = progress if info.is_main else False
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=info.is_main)
+
+    def _optimizer_step(self) -> None:
+        """After the backward: clip (``cfg.grad_clip`` > 0), step the optimiser, update the EMA, count the step."""
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.step += 1
+
+    def _identity(self) -> dict:
+        """What a checkpoint records of the model, so that resuming another model type or architecture fails."""
+        from dera_fast.models.pretrained import architecture
+
+        return {"model_type": self.model.model_type, "architecture": architecture(self.model.config)}
+
+    def _open_checkpoint(self, path) -> tuple[Path, int, dict, dict] | None:
+        """(folder, step, weights, state) of the checkpoint to resume from: the newest intact one under the run
+        folder, or ``path``; checked to hold this model. None when there is none. Collective under torchrun."""
+        where = ckpt.resume_point(self.out, path, self.info)
+        if where is None:
+            return None
+        ckpt.check_same_model(where, self._identity())
+        step, weights, _, state = ckpt.load_checkpoint(where)
+        return where, step, weights, state
+
+    def _finish_resume(self, where: Path, step: int, state: dict) -> bool:
+        """Once the subclass has loaded its weights and optimiser: every rank's RNG, the step, the metrics log."""
+        ckpt.restore_rng(state, self.info)
+        self.step = step
+        self.metrics.rewind(step)
+        if self.info.is_main:
+            log.info("resumed from %s (step %d)", where, step)
+        return True
 
 
 def _jsonable(v):

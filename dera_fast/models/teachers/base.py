@@ -1,7 +1,8 @@
-"""What every teacher shares: the ``Teacher`` protocol, the frozen-module base, input resampling and the ViT block
+"""What every teacher shares: the ``Teacher`` protocol, the frozen-module base and its loader, input resampling and the ViT block
 used by the DINOv2/v3 and VideoMAE teachers."""
 from __future__ import annotations
 
+import os
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -9,6 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dera_fast import ops
+
+from ..pretrained import load_state_dict_strict
+from .weights import read_state_dict, recorded_config, resolve_config
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -43,6 +47,38 @@ class Frozen(nn.Module):
                              f"{getattr(video, 'dtype', type(video).__name__)} {tuple(getattr(video, 'shape', ()))}")
         lo, hi = self.pixel_range
         return (video.float() - lo) / (hi - lo)
+
+
+class PretrainedTeacher(Frozen):
+    """A frozen teacher built from local weights. Subclasses set ``config_class`` and ``presets`` (name -> config)
+    and implement ``from_state_dict(state, config, *, meta, pixel_range, source, ...)``, starting it with
+    :meth:`_resolve` (which loads ``convert-teacher`` files, already in the class's own layout)."""
+
+    config_class: type
+    presets: dict
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, config=None, *, pixel_range: tuple[float, float] = (-1.0, 1.0),
+                        **kwargs):
+        """Load weights from a local file (safetensors, or an official .pth / .bin read with ``weights_only=True``;
+        a top-level "model" / "module" dict is unwrapped) or a directory holding one. ``config``: a preset name,
+        a config object, or None for a ``convert-teacher`` file; it and ``kwargs`` go to :meth:`from_state_dict`."""
+        state, meta = read_state_dict(path)
+        return cls.from_state_dict(state, config, meta=meta, pixel_range=pixel_range, source=str(path), **kwargs)
+
+    @classmethod
+    def _resolve(cls, state: dict[str, Tensor], config, meta: dict[str, str] | None, *,
+                 pixel_range: tuple[float, float], source: str):
+        """(config, model): the config from a preset name, a config object or the file's recorded config; the
+        model, loaded and frozen, when the file is a ``convert-teacher`` file (its state is in our layout), else
+        None (the caller maps the foreign layout)."""
+        recorded = recorded_config(meta, cls.config_class)
+        config = resolve_config(config, cls.presets, cls.config_class, recorded)
+        if recorded is None:
+            return config, None
+        model = cls(config, pixel_range=pixel_range)
+        load_state_dict_strict(model, state, source=source)
+        return config, model.freeze()
 
 
 def resample_clip(x: Tensor, frames: int, size: int) -> Tensor:

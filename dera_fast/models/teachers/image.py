@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..tokenizer_base import load_state_dict_strict
-from .base import IMAGENET_MEAN, IMAGENET_STD, Frozen, ViTBlock
-from .weights import (fuse_qkv, read_state_dict, recorded_config, rename_state, resolve_config,
-                      strip_prefixes)
+from ..pretrained import load_state_dict_strict
+from .base import IMAGENET_MEAN, IMAGENET_STD, PretrainedTeacher, ViTBlock
+from .weights import fuse_qkv, rename_state, resolve_layout, strip_prefixes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,8 +66,11 @@ def resize_pos_table(table: Tensor, src: int, grid: tuple[int, int], offset: flo
     return t.to(table.dtype).flatten(2).transpose(1, 2)  # [1, gh*gw, D]
 
 
-class ImageViTTeacher(Frozen):
+class ImageViTTeacher(PretrainedTeacher):
     """Frozen DINOv2/DINOv3-style ViT on frame 0 -> final-norm patch tokens [B, (S/p)^2, dim]."""
+
+    config_class = ImageViTConfig
+    presets = IMAGE_PRESETS
 
     def __init__(self, config: ImageViTConfig, *, pixel_range: tuple[float, float] = (-1.0, 1.0)):
         super().__init__(pixel_range)
@@ -135,15 +136,6 @@ class ImageViTTeacher(Frozen):
         return self.norm(h)[:, prefix.shape[1]:]
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, config: ImageViTConfig | str | None = None, *,
-                        layout: str = "auto", pixel_range: tuple[float, float] = (-1.0, 1.0)) -> "ImageViTTeacher":
-        """Load DINOv2/DINOv3 weights from a local file (safetensors, or an official .pth / .bin read with
-        ``weights_only=True``) or a directory holding one; see :meth:`from_state_dict`."""
-        state, meta = read_state_dict(path)
-        return cls.from_state_dict(state, config, meta=meta, layout=layout, pixel_range=pixel_range,
-                                   source=str(path))
-
-    @classmethod
     def from_state_dict(cls, state: dict[str, Tensor], config: ImageViTConfig | str | None = None, *,
                         meta: dict[str, str] | None = None, layout: str = "auto",
                         pixel_range: tuple[float, float] = (-1.0, 1.0),
@@ -156,18 +148,11 @@ class ImageViTTeacher(Frozen):
         HF weights resize the position table as ``transformers`` does (``pos_interp_offset`` becomes 0, see the
         module docstring).
         """
-        recorded = recorded_config(meta, ImageViTConfig)
-        config = resolve_config(config, IMAGE_PRESETS, ImageViTConfig, recorded)
-        if recorded is not None:  # already in our layout
-            model = cls(config, pixel_range=pixel_range)
-            load_state_dict_strict(model, state, source=source)
-            return model.freeze()
+        config, model = cls._resolve(state, config, meta, pixel_range=pixel_range, source=source)
+        if model is not None:
+            return model
         state = strip_prefixes(state, r"module\.|model\.|backbone\.|dinov2\.|dinov3\.")
-        hf = any(k.startswith(("embeddings.", "encoder.layer.", "layer.")) for k in state)
-        if layout == "auto":
-            layout = "hf" if hf else "hub"
-        if layout not in ("hub", "hf"):
-            raise ValueError(f"layout must be 'auto', 'hub' or 'hf', got {layout!r}")
+        layout = resolve_layout(layout, state, ("embeddings.", "encoder.layer.", "layer."))
         if layout == "hf" and config.pos == "abs":
             config = dataclasses.replace(config, pos_interp_offset=0.0)
         model = cls(config, pixel_range=pixel_range)

@@ -23,7 +23,6 @@ loading.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -32,10 +31,11 @@ from torch import Tensor, nn
 
 from dera_fast import ops
 
+from ..blocks import RMSNorm
 from ..embed import sincos_1d, sincos_2d
-from ..tokenizer_base import load_state_dict_strict
-from .base import IMAGENET_MEAN, IMAGENET_STD, Frozen, resample_clip
-from .weights import read_state_dict, recorded_config, rename_state, resolve_config, strip_prefixes
+from ..pretrained import load_state_dict_strict
+from .base import IMAGENET_MEAN, IMAGENET_STD, PretrainedTeacher, resample_clip
+from .weights import rename_state, strip_prefixes
 
 # keys of the official checkpoints that are not part of the feature path
 DROP_KEYS = r"clip_.*|final_clip_decoder\..*|fc_norm\..*|head\..*"
@@ -102,19 +102,6 @@ def resize_joint_table(table: Tensor, src: tuple[int, int], dst: tuple[int, int]
     return torch.cat([cls, pos.to(table.dtype)], dim=1)
 
 
-class RMSNorm(nn.Module):
-    """InternVideo2's RMSNorm: normalise in fp32, cast back to the input dtype, then scale."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-
-
 class LayerScale(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
@@ -177,9 +164,12 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # [B, D, T', h, w] -> [B, T'*h*w, D], t-major
 
 
-class InternVideo2Teacher(Frozen):
+class InternVideo2Teacher(PretrainedTeacher):
     """Frozen InternVideo2 (DistInternVideo2 backbone) -> last-block patch tokens [B, T'*h*w, dim] on grid
     (frames / tubelet, S/p, S/p); see the module docstring for the choice of features."""
+
+    config_class = InternVideo2Config
+    presets = INTERNVIDEO2_PRESETS
 
     def __init__(self, config: InternVideo2Config, *, pixel_range: tuple[float, float] = (-1.0, 1.0)):
         super().__init__(pixel_range)
@@ -213,15 +203,6 @@ class InternVideo2Teacher(Frozen):
         return h[:, 1:]
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, config: InternVideo2Config | str | None = None, *,
-                        pixel_range: tuple[float, float] = (-1.0, 1.0)) -> "InternVideo2Teacher":
-        """Load official InternVideo2 weights: a ``.pth`` / ``.bin`` (``torch.load(weights_only=True)``; a
-        top-level "model" / "module" dict is unwrapped), a safetensors file (e.g. from ``convert-teacher``) or a
-        directory holding one; see :meth:`from_state_dict`."""
-        state, meta = read_state_dict(path)
-        return cls.from_state_dict(state, config, meta=meta, pixel_range=pixel_range, source=str(path))
-
-    @classmethod
     def from_state_dict(cls, state: dict[str, Tensor], config: InternVideo2Config | str | None = None, *,
                         meta: dict[str, str] | None = None, pixel_range: tuple[float, float] = (-1.0, 1.0),
                         source: str = "state dict") -> "InternVideo2Teacher":
@@ -229,8 +210,9 @@ class InternVideo2Teacher(Frozen):
         file (its recorded config). "module." / "model." / "backbone." / "encoder." prefixes are stripped and
         the ``clip_*`` distillation heads (and a classifier's ``fc_norm`` / ``head``) dropped; every other key
         must match (the official names are this class's names)."""
-        config = resolve_config(config, INTERNVIDEO2_PRESETS, InternVideo2Config,
-                                recorded_config(meta, InternVideo2Config))
+        config, model = cls._resolve(state, config, meta, pixel_range=pixel_range, source=source)
+        if model is not None:
+            return model
         state = rename_state(strip_prefixes(state, r"module\.|model\.|backbone\.|encoder\."), [], drop=DROP_KEYS)
         model = cls(config, pixel_range=pixel_range)
         load_state_dict_strict(model, state, source=source)

@@ -5,16 +5,14 @@ stripped) or HF ``VideoMAEModel``. Features are the final-norm patch tokens on g
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from ..tokenizer_base import load_state_dict_strict
-from .base import IMAGENET_MEAN, IMAGENET_STD, Frozen, ViTBlock, resample_clip
-from .weights import (fuse_qkv, read_state_dict, recorded_config, rename_state, resolve_config,
-                      strip_prefixes)
+from ..pretrained import load_state_dict_strict
+from .base import IMAGENET_MEAN, IMAGENET_STD, PretrainedTeacher, ViTBlock, resample_clip
+from .weights import fuse_qkv, rename_state, resolve_layout, strip_prefixes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,8 +42,11 @@ def videomae_sincos(n: int, dim: int) -> Tensor:
     return torch.where(j.long() % 2 == 0, angle.sin(), angle.cos()).float()[None]
 
 
-class VideoViTTeacher(Frozen):
+class VideoViTTeacher(PretrainedTeacher):
     """Frozen VideoMAE-style video ViT -> final-norm patch tokens [B, t*h*w, dim] on grid (t, h, w)."""
+
+    config_class = VideoViTConfig
+    presets = VIDEO_PRESETS
 
     def __init__(self, config: VideoViTConfig, *, pixel_range: tuple[float, float] = (-1.0, 1.0)):
         super().__init__(pixel_range)
@@ -77,15 +78,6 @@ class VideoViTTeacher(Frozen):
         return self.norm(h)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, config: VideoViTConfig | str | None = None, *,
-                        layout: str = "auto", pixel_range: tuple[float, float] = (-1.0, 1.0)) -> "VideoViTTeacher":
-        """Load VideoMAE weights from a local file (safetensors, or an official .pth / .bin read with
-        ``weights_only=True``) or a directory holding one; see :meth:`from_state_dict`."""
-        state, meta = read_state_dict(path)
-        return cls.from_state_dict(state, config, meta=meta, layout=layout, pixel_range=pixel_range,
-                                   source=str(path))
-
-    @classmethod
     def from_state_dict(cls, state: dict[str, Tensor], config: VideoViTConfig | str | None = None, *,
                         meta: dict[str, str] | None = None, layout: str = "auto",
                         pixel_range: tuple[float, float] = (-1.0, 1.0),
@@ -94,17 +86,11 @@ class VideoViTTeacher(Frozen):
         "encoder." prefix of pre-training checkpoints stripped) or HF VideoMAEModel ("videomae." prefix
         stripped); a ``convert-teacher`` file (config None: its recorded config) is in our own layout. A final
         fc_norm (mean-pooling checkpoints) serves as the per-token final norm."""
-        recorded = recorded_config(meta, VideoViTConfig)
-        config = resolve_config(config, VIDEO_PRESETS, VideoViTConfig, recorded)
-        if recorded is not None:  # already in our layout
-            model = cls(config, pixel_range=pixel_range)
-            load_state_dict_strict(model, state, source=source)
-            return model.freeze()
+        config, model = cls._resolve(state, config, meta, pixel_range=pixel_range, source=source)
+        if model is not None:
+            return model
         state = strip_prefixes(state, r"module\.|model\.|videomae\.|encoder\.(?!layer\.)")
-        if layout == "auto":
-            layout = "hf" if any(k.startswith(("embeddings.", "encoder.layer.")) for k in state) else "hub"
-        if layout not in ("hub", "hf"):
-            raise ValueError(f"layout must be 'auto', 'hub' or 'hf', got {layout!r}")
+        layout = resolve_layout(layout, state, ("embeddings.", "encoder.layer."))
         model = cls(config, pixel_range=pixel_range)
         if layout == "hf":
             for i in range(config.depth):

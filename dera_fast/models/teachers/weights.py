@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from ..tokenizer_base import rename_key
+from ..pretrained import rename_key
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 WRAPPER_KEYS = ("model", "module")  # training checkpoints keep the weights under one of these
@@ -122,6 +122,15 @@ def resolve_config(config, presets: dict, config_cls, recorded):
     if not isinstance(config, config_cls):
         raise TypeError(f"config must be a preset name or a {config_cls.__name__}, got {type(config).__name__}")
     return config
+
+
+def resolve_layout(layout: str, state: dict[str, Tensor], hf_prefixes: tuple[str, ...]) -> str:
+    """"hub" or "hf": ``layout`` checked, or for "auto" read from the keys (HF's start with ``hf_prefixes``)."""
+    if layout == "auto":
+        return "hf" if any(k.startswith(hf_prefixes) for k in state) else "hub"
+    if layout not in ("hub", "hf"):
+        raise ValueError(f"layout must be 'auto', 'hub' or 'hf', got {layout!r}")
+    return layout
 
 
 def strip_prefixes(state: dict[str, Tensor], pattern: str) -> dict[str, Tensor]:

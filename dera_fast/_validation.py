@@ -1,5 +1,8 @@
-"""Input validation shared by every op: clear ValueError/TypeError messages that name the public function and
-the argument (``vq_sample: temperature must be ...``).
+"""Input validation shared across the package (ops, models, generation, data, plotting): clear ValueError /
+TypeError messages that name the public function and the argument (``vq_sample: temperature must be ...``).
+
+A public *internal* module: any dera_fast layer may import it; users reach :func:`value_checks` through
+:mod:`dera_fast.ops`.
 
 Shape, dtype and device checks are free (metadata only) and always run. Checks on tensor *values* (NaN/inf,
 index ranges) need a reduction and, on a GPU, a device-to-host sync; they run in eager mode by default, are skipped
@@ -8,6 +11,7 @@ while ``torch.compile`` traces or a CUDA graph is being captured, and can be swi
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Iterable
 
@@ -109,3 +113,23 @@ def check_inverse_finite(name: str, value, *, op: str | None = None) -> float:
         raise ValueError(f"{_where(op)}{name}={value:g} is too small: 1/{name} = {inv:.3g} would overflow the fp32 "
                          f"logits (need {name} >= {1 / INV_LIMIT:.3g}, i.e. 1/{name} <= 2**126)")
     return inv
+
+
+def parse_json_object(text: str | bytes, source, what: str = "a JSON object") -> dict:
+    """``text`` parsed as a JSON object; ValueError naming ``source`` (a path, or a description) when it is not
+    valid JSON (or not UTF-8), or holds something other than ``what``."""
+    try:
+        obj = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{source} is not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{source} must hold {what}, got {type(obj).__name__}")
+    return obj
+
+
+def check_value_range(value_range) -> tuple[float, float]:
+    """``value_range`` (the pixel range of a clip) as floats ``(low, high)``, raising ValueError unless high > low."""
+    lo, hi = (float(v) for v in value_range)
+    if not hi > lo:
+        raise ValueError(f"value_range must be (low, high) with high > low, got {value_range}")
+    return lo, hi
