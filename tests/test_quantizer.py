@@ -83,3 +83,154 @@ def test_bad_input():
         vq.decode_ids(torch.tensor([[0.0, 1.0]]))
     with pytest.raises(ValueError, match="temperature"):
         VectorQuantizer(8, 4, 2, temperature=0.0)
+
+
+# ------------------------------------------------------------------------------------------------ codebook health
+def _clustered(n_clusters=6, per=40, dim=24, seed=0):
+    """h [1, n_clusters * per, dim]: tight clusters around random centres."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n_clusters, dim, generator=g) * 3
+    return (centres.repeat_interleave(per, 0) + 0.05 * torch.randn(n_clusters * per, dim, generator=g))[None]
+
+
+def test_health_is_off_by_default_and_keeps_larp_state_dict_keys():
+    vq = make()
+    assert not bool(vq.kmeans_pending) and vq.restart_after == 0 and vq.entropy_weight == 0
+    assert set(vq.state_dict()) == {"in_linear.weight", "in_linear.bias", "out_linear.weight", "out_linear.bias",
+                                    "embedding.weight"}  # health buffers are not inference weights
+    w = vq.embedding.weight.detach().clone()
+    vq.train()(torch.randn(2, 5, 24))
+    assert torch.equal(vq.embedding.weight, w)  # nothing rewrites the codebook when the options are off
+    assert "entropy" not in vq(torch.randn(2, 5, 24)).losses
+
+
+def test_spherical_kmeans_finds_clusters_and_fills_small_inputs():
+    from dera_fast.models.quantizer import spherical_kmeans
+
+    centres = F.normalize(torch.randn(5, 8), dim=-1)
+    x = F.normalize(centres.repeat_interleave(50, 0) + 0.01 * torch.randn(250, 8), dim=-1)
+    c = spherical_kmeans(x, 5, generator=torch.Generator().manual_seed(0))
+    assert c.shape == (5, 8) and torch.allclose(c.norm(dim=-1), torch.ones(5))
+    assert (centres @ c.t()).max(1).values.min() > 0.99  # every true centre found
+    again = spherical_kmeans(x, 5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(c, again)
+    few = spherical_kmeans(x[:3], 7, generator=torch.Generator().manual_seed(0))  # N < K: distinct rows
+    assert few.shape == (7, 8) and torch.equal(few[:3], x[:3])
+    assert torch.cdist(few, few).add(torch.eye(7) * 9).min() > 1e-3
+
+
+def test_kmeans_init_uses_the_first_batch_latents():
+    vq = VectorQuantizer(24, 16, 8, kmeans_init=True).train()
+    h = _clustered()
+    random_codes = vq.eval()(h).ids.unique().numel()
+    vq.train()(h)
+    assert not bool(vq.kmeans_pending)
+    z = F.normalize(vq.in_linear(h), dim=-1)[0]
+    # every latent now sits next to a code, and every code next to latents: all 16 in use (the random init: few)
+    assert (z @ vq.normalized_codebook().t()).max(1).values.min() > 0.99
+    assert vq.eval()(h).ids.unique().numel() == 16 > random_codes
+    w = vq.embedding.weight.detach().clone()
+    vq.train()(h)
+    assert torch.equal(vq.embedding.weight, w)  # once only
+
+
+def test_dead_codes_restart_onto_batch_latents_after_n_idle_steps():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(24, 32, 8, restart_after=3, stochastic=False).train()
+    h = _clustered(n_clusters=2, per=20)
+    for _ in range(3):
+        vq(h)
+    dead = (vq.idle_steps >= 3).nonzero().flatten()
+    assert 0 < dead.numel() <= 30 and int(vq.last_counts.sum()) == 40
+    vq(h)  # the restart happens at the start of the next training forward
+    z = F.normalize(vq.in_linear(h), dim=-1)[0]
+    moved = vq.normalized_codebook()[dead]
+    assert (moved @ z.t()).max(1).values.min() > 0.999  # each restarted code is one of the batch's latents
+    assert bool((vq.idle_steps[dead] <= 1).all())
+    stats = vq.usage_stats()
+    assert 0 < stats["vq_used"] <= 1 and 1 <= stats["vq_perplexity"] <= 32 and stats["vq_alive"] == 1.0
+
+
+def test_usage_stats_and_perplexity():
+    vq = VectorQuantizer(24, 4, 8, stochastic=False, usage_decay=0.5).train()
+    vq._count(torch.tensor([[0, 1, 2, 3]]))
+    s = vq.usage_stats()
+    assert s["vq_used"] == 1.0 and s["vq_perplexity"] == pytest.approx(4.0)
+    vq._count(torch.tensor([[0, 0, 0, 0]]))
+    s = vq.usage_stats()
+    assert s["vq_used"] == 0.25 and s["vq_perplexity"] == pytest.approx(1.0)
+    torch.testing.assert_close(vq.usage_ema, torch.tensor([2.25, 0.25, 0.25, 0.25]))
+    assert vq.idle_steps.tolist() == [0, 1, 1, 1]
+
+
+def test_entropy_loss_matches_larp_formula_and_trains_both_sides():
+    from dera_fast.models.quantizer import entropy_loss
+
+    vq = VectorQuantizer(24, 10, 8, entropy_weight=0.5, entropy_temperature=0.2).train()
+    h = torch.randn(2, 6, 24)
+    out = vq(h, generator=torch.Generator().manual_seed(0))
+    z = F.normalize(vq.in_linear(h), dim=-1).reshape(12, 8)
+    e = vq.normalized_codebook()
+    d = (z[:, None] - e[None]).pow(2).sum(-1)  # LARP: affinity = -|z - e|^2, softmax at temperature 0.2
+    p = (-d / 0.2).softmax(-1)
+    sample = -(p * (-d / 0.2).log_softmax(-1)).sum(-1).mean()
+    avg = -(p.mean(0) * torch.log(p.mean(0) + 1e-5)).sum()
+    torch.testing.assert_close(out.losses["entropy"], sample - avg)
+    torch.testing.assert_close(entropy_loss(-d / 0.2)[0], sample - avg)
+    torch.testing.assert_close(out.losses["vq"], 1.25 * out.losses["commitment"] + 0.5 * out.losses["entropy"])
+    out.losses["entropy"].backward()
+    assert vq.embedding.weight.grad.abs().sum() > 0 and vq.in_linear.weight.grad.abs().sum() > 0
+    assert "entropy" not in vq.eval()(h).losses  # a training loss only
+
+
+def test_health_state_round_trip_is_bit_exact():
+    vq = VectorQuantizer(24, 16, 8, kmeans_init=True, restart_after=2).train()
+    for _ in range(3):
+        vq(torch.randn(2, 5, 24))
+    state = vq.health_state_dict()
+    twin = VectorQuantizer(24, 16, 8, kmeans_init=True, restart_after=2).train()
+    twin.load_state_dict(vq.state_dict())
+    twin.load_health_state_dict(state)
+    torch.manual_seed(5)
+    a = vq(torch.randn(2, 5, 24)).ids
+    torch.manual_seed(5)
+    b = twin(torch.randn(2, 5, 24)).ids
+    assert torch.equal(a, b) and torch.equal(vq.embedding.weight, twin.embedding.weight)
+    for k, v in vq.health_state_dict().items():
+        assert torch.equal(v, twin.health_state_dict()[k]), k
+    with pytest.raises(KeyError, match="health state lacks"):
+        twin.load_health_state_dict({})
+
+
+def test_bad_health_options():
+    with pytest.raises(ValueError, match="restart_after"):
+        VectorQuantizer(8, 4, 2, restart_after=-1)
+    with pytest.raises(ValueError, match="entropy_temperature"):
+        VectorQuantizer(8, 4, 2, entropy_temperature=0.0)
+
+
+def _dist_worker(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(0)  # same weights on both ranks ...
+    vq = VectorQuantizer(24, 16, 8, kmeans_init=True, restart_after=2).train()
+    vq.distributed = True
+    torch.manual_seed(100 + rank)  # ... different data and RNG streams, as under DDP
+    for _ in range(6):
+        vq(torch.randn(2, 5, 24) + rank)
+    flat = torch.cat([vq.embedding.weight.detach().flatten(), vq.usage_ema, vq.idle_steps.float()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    if rank == 0:
+        torch.save({"same": all(torch.equal(gathered[0], g) for g in gathered)}, out)
+    dist.destroy_process_group()
+
+
+def test_kmeans_and_restarts_are_identical_on_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "result.pt")
+    mp.spawn(_dist_worker, args=(2, f"file://{tmp_path / 'store'}", out), nprocs=2, join=True)
+    assert torch.load(out, weights_only=True)["same"]

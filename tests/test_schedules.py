@@ -38,7 +38,7 @@ def test_tokenizer_presets_use_epochs():
         (75, 8, "internvideo2-b14", "dinov3-b16")
     assert larp.lecam_weight == dera.lecam_weight == TokenizerTrainConfig().lecam_weight == 1e-6
     tiny = TokenizerTrainConfig.from_name("tiny")
-    assert (tiny.epochs, tiny.steps, tiny.teachers) == (0, 600, "random")
+    assert (tiny.epochs, tiny.steps, tiny.teachers) == (0, 1200, "random")
 
 
 def test_tokenizer_steps_follow_the_data(tmp_path):

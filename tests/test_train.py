@@ -138,6 +138,64 @@ def test_checkpoint_atomic_keep_last(tmp_path):
     assert cfg == {"k": 1} and set(sd) == {"weight", "bias"}
 
 
+def test_damaged_checkpoints_are_skipped(tmp_path, caplog):
+    lin = torch.nn.Linear(2, 2)
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(tmp_path, step, weights={"model": lin.state_dict()}, config={}, state={"s": step},
+                             keep_last=0, model={"model_type": "x", "architecture": {"dim": 2}})
+    dirs = ckpt.list_checkpoints(tmp_path)
+    assert all(ckpt.verify_checkpoint(d) == [] for d in dirs)
+    w = dirs[2] / "model.safetensors"  # same size, one byte flipped: only the digest catches it
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 0xFF
+    w.write_bytes(bytes(data))
+    (dirs[1] / "state.json").unlink()
+    with caplog.at_level("WARNING", logger="dera_fast.train"):
+        assert ckpt.select_checkpoint(tmp_path) == dirs[0]
+    assert "sha256" in caplog.text and "state.json is missing" in caplog.text
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000001"]
+    assert (tmp_path / "checkpoints" / "step_00000003.damaged").is_dir()
+    with pytest.raises(ValueError, match="architecture changed .*dim: 2 -> 3"):
+        ckpt.check_same_model(dirs[0], {"model_type": "x", "architecture": {"dim": 3}})
+    (dirs[0] / "manifest.json").unlink()  # older checkpoints without a manifest are checked by reading them
+    assert ckpt.verify_checkpoint(dirs[0]) == []
+    (dirs[0] / "state.safetensors").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="no intact checkpoint"):
+        ckpt.select_checkpoint(tmp_path)
+
+
+def test_metrics_log_keeps_each_step_once(tmp_path):
+    from dera_fast.train.loop import MetricsLog
+
+    log = MetricsLog(tmp_path / "m.jsonl")
+    for step in (1, 2, 3, 4):
+        log.write(step, {"loss": float(step)})
+    with open(tmp_path / "m.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # a record cut short by a kill
+    again = MetricsLog(tmp_path / "m.jsonl")
+    again.rewind(2)  # resumed at step 2: steps 3, 4 and the broken line go
+    again.write(2, {"schedule_steps": 10})  # the same step again: merged into one record
+    again.write(3, {"loss": 30.0})
+    recs = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3]
+    assert recs[1]["loss"] == 2.0 and recs[1]["schedule_steps"] == 10 and recs[2]["loss"] == 30.0
+
+
+def test_checkpoints_by_wall_time(tmp_path):
+    from dera_fast.train.tokenizer import TokenizerTrainer
+
+    tr = TokenizerTrainer(_tok_cfg(steps=4, ckpt_every=0, ckpt_minutes=1e-9, log_every=2), tmp_path, progress=False)
+    tr.train()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000002", "step_00000004"]
+    from dera_fast.train.generator import GeneratorTrainConfig
+    from dera_fast.train.tokenizer import TokenizerTrainConfig
+
+    for cls in (TokenizerTrainConfig, GeneratorTrainConfig):  # every preset checkpoints periodically by default
+        for name in cls.presets():
+            cfg = cls.from_name(name, **({"tokens": "t"} if cls is GeneratorTrainConfig else {}))
+            assert cfg.ckpt_every > 0 and cfg.ckpt_minutes > 0, (cls.__name__, name)
+
+
 def test_batch_stream_shards_resumes_and_workers_agree():
     from dera_fast.train.distributed import DistInfo
     from dera_fast.train.loop import BatchStream
@@ -161,7 +219,9 @@ def test_batch_stream_shards_resumes_and_workers_agree():
 def _tok_cfg(**kw):
     from dera_fast.train.tokenizer import TokenizerTrainConfig
 
-    base = dict(steps=4, batch_size=2, num_clips=4, gan_start=0, d_update_every=2, log_every=2, seed=0)
+    # prior_weight: the tiny preset's recipe has no AR prior; these tests exercise LARP's full objective
+    base = dict(steps=4, batch_size=2, num_clips=4, gan_start=0, d_update_every=2, log_every=2, seed=0,
+                prior_weight=0.06)
     return TokenizerTrainConfig.from_name("tiny", **{**base, **kw})
 
 
@@ -200,10 +260,12 @@ def test_discriminator_every_k_steps(tmp_path):
     assert has_d == [False, False, True, False, True]
 
 
-def test_tokenizer_resume_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("extra", [pytest.param({}, id="tiny"),
+                                   pytest.param(dict(vq_restart_after=1), id="restarts-every-step")])
+def test_tokenizer_resume_is_bit_exact(tmp_path, extra):
     from dera_fast.train.tokenizer import TokenizerTrainer
 
-    cfg = dict(steps=6, ckpt_every=3, ema_decay=0.9)
+    cfg = dict(steps=6, ckpt_every=3, ema_decay=0.9, **extra)
     full = TokenizerTrainer(_tok_cfg(**cfg), tmp_path / "a", progress=False)
     seen = {}
     full.train(on_log=lambda s, v: seen.setdefault(s, v["loss"]))
@@ -214,6 +276,8 @@ def test_tokenizer_resume_is_bit_exact(tmp_path):
     assert again[6] == seen[6]
     for k, v in full.model.state_dict().items():
         assert torch.equal(v, part.model.state_dict()[k]), k
+    for k, v in full.model.quantizer.health_state_dict().items():  # usage EMA, idle steps: restarts resume exactly
+        assert torch.equal(v, part.model.quantizer.health_state_dict()[k]), k
     assert (tmp_path / "a" / "model" / "model.safetensors").is_file()
     assert len((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()) == 3
 
@@ -235,6 +299,35 @@ def test_generator_train_and_resume_bit_exact(tmp_path):
     from dera_fast.models.ar import ARGenerator
 
     ARGenerator.from_pretrained(tmp_path / "a" / "model")
+
+
+def test_recipes_fill_unset_fields_and_explicit_values_win():
+    from dera_fast.train.tokenizer import RECIPES, TokenizerTrainConfig
+
+    larp = TokenizerTrainConfig.from_name("tiny", recipe="larp")
+    assert (larp.lr, larp.betas, larp.vq_kmeans_init, larp.vq_restart_after) == (1e-4, (0.5, 0.9), False, 0)
+    fast = TokenizerTrainConfig.from_name("tiny")
+    assert fast.recipe == "fast" and all(getattr(fast, k) == v for k, v in RECIPES["fast"].items())
+    assert TokenizerTrainConfig.from_name("tiny", recipe="larp", lr=3e-4).lr == 3e-4
+    assert TokenizerTrainConfig().recipe == "larp" and TokenizerTrainConfig().lr == 1e-4  # the dataclass: LARP's
+    # a saved config reloads to the same values whatever the recipe table says later
+    assert TokenizerTrainConfig.from_dict(fast.to_dict()) == fast
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        TokenizerTrainConfig(recipe="nope")
+
+
+def test_init_from_a_saved_tokenizer_keeps_its_codebook(tmp_path):
+    from dera_fast.train.tokenizer import TokenizerTrainer
+
+    first = TokenizerTrainer(_tok_cfg(steps=2), tmp_path / "a", progress=False)
+    first.train()
+    tuned = TokenizerTrainer(_tok_cfg(init_from=str(tmp_path / "a" / "model")), tmp_path / "b", progress=False)
+    for k, v in first.model.state_dict().items():
+        assert torch.equal(v, tuned.model.state_dict()[k]), k
+    assert not bool(tuned.model.quantizer.kmeans_pending)  # no k-means over a trained codebook
+    with pytest.raises(ValueError, match="larp"):
+        TokenizerTrainer(_tok_cfg(arch="larp", init_from=str(tmp_path / "a" / "model")), tmp_path / "c",
+                         progress=False)
 
 
 def test_training_config_errors(tmp_path):

@@ -16,6 +16,10 @@ from .._config import PresetConfig
 class TokenizerConfig(PresetConfig):
     """Shapes and hyper-parameters of a LARP or DeRA tokenizer (and its training-time AR prior)."""
     _kind = "TokenizerConfig"
+    _positive = ("mlp_ratio", "ln_eps", "latent_pe_base", "vq_temperature", "prior_dim", "prior_heads", "prior_max_len",
+                 "prior_ce_temperature", "align_hidden", "align_dim_appearance", "align_dim_motion")
+    _non_negative = ("query_init_std", "vq_beta", "vq_codebook_weight", "prior_depth", "prior_dropout", "prior_rounds",
+                     "prior_ss_max_ratio", "prior_ss_peak_fraction", "align_weight_appearance", "align_weight_motion")
 
     # clip geometry
     num_frames: int = 16
@@ -119,6 +123,10 @@ class TokenizerConfig(PresetConfig):
     def replace(self, **changes) -> "TokenizerConfig":
         return dataclasses.replace(self, **changes)
 
+    @classmethod
+    def presets(cls) -> dict[str, dict[str, Any]]:
+        return PRESETS  # the table below
+
 
 _LARP = dict(pixel_range=(0.0, 1.0), num_appearance_tokens=0)
 
@@ -127,6 +135,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(num_frames=8, size=32, dim=64, num_heads=4, encoder_depth=2, decoder_depth=2, num_tokens=16,
                  num_appearance_tokens=4, codebook_size=64, code_dim=8, prior_depth=2, prior_dim=32,
                  prior_heads=2, prior_max_len=16, align_hidden=128, align_dim_appearance=32,
+                 align_dim_motion=32),
+    # the demo's tokenizer (issue 23, bench/results/recipe/): the tiny width and depth with 3x the tokens (16 appearance
+    # = one per 8x8 patch of frame 0, 32 motion = one per 4x8x8 tubelet) and a 256 x 16 codebook; 384 bits per clip
+    "demo": dict(num_frames=8, size=32, dim=64, num_heads=4, encoder_depth=2, decoder_depth=2, num_tokens=48,
+                 num_appearance_tokens=16, codebook_size=256, code_dim=16, prior_depth=2, prior_dim=32,
+                 prior_heads=2, prior_max_len=48, align_hidden=128, align_dim_appearance=32,
                  align_dim_motion=32),
     # LARP sizes (SPEC §2.3): S = 512/6/8, B = 768/8/12, L = 768/12/12; pixels in [0, 1] like LARP's checkpoints
     "larp-s": dict(_LARP, dim=512, num_heads=8, encoder_depth=6, decoder_depth=6),
