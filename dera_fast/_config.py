@@ -139,8 +139,9 @@ class PresetConfig:
 
     @classmethod
     def presets(cls) -> dict[str, dict[str, Any]]:
-        """The named presets of this config class: name -> field values (each class returns its own table)."""
-        raise NotImplementedError(f"{cls.__name__} names no preset table: override presets()")
+        """The named presets of this config class: name -> field values (each subclass returns its own table; a
+        class without one has no presets)."""
+        return {}
 
     @classmethod
     def from_name(cls, name: str, **overrides):

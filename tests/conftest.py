@@ -4,6 +4,10 @@ TRITON_INTERPRET=1 is set here, before anything imports Triton, so that the Trit
 (fp32/fp16 only: the interpreter gets bf16 tl.dot wrong). Set TRITON_INTERPRET=0 in the environment to opt out.
 """
 import os
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -97,3 +101,55 @@ def assert_close_to_ref(name, out, ref_fp32, ref_lowp, floor=None):
     assert not torch.isnan(out).any(), f"{name}: output has NaN"
     assert err <= 2 * base + floor, (
         f"{name}: max err {err:.3e} (mean {diff.mean().item():.3e}) > 2*{base:.3e} + {floor:g}")
+
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (read from /proc; torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def run_process_group(cmd: list[str], *, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``subprocess.run`` for commands that start children of their own (torchrun), which never hangs the suite.
+
+    Why: ``subprocess.run(..., timeout=)`` kills only the direct child and then waits for the output pipes, which
+    torchrun's workers (in sessions of their own) keep open, so a hung worker hung the whole test run. Here the output
+    goes to files, and on timeout torchrun gets SIGTERM (it stops its workers), then every descendant gets SIGKILL.
+    """
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True)
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            family = _descendants(proc.pid)
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+            for pid in [proc.pid, *family]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            proc.wait()
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if timed_out:
+        stderr += f"\n[run_process_group: killed after {timeout} s]"
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)

@@ -2,12 +2,12 @@
 identical; the FSDP2 generator trains and checkpoints; both resume bit-exactly on every rank (per-rank RNG state,
 the generator's sharded EMA). Run as a script by torchrun (see the test below)."""
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
 
 
 def _worker(out: str) -> None:
@@ -88,7 +88,9 @@ def test_torchrun_two_processes(tmp_path):
            "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
            str(tmp_path)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    from conftest import run_process_group  # here, not at the top: torchrun also runs this file as a script
+
+    res = run_process_group(cmd, env=env, timeout=600)
     assert res.returncode == 0 and "DIST-OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
     assert (tmp_path / "tok" / "model" / "model.safetensors").is_file()
     assert (tmp_path / "gen" / "model" / "model.safetensors").is_file()

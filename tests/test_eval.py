@@ -5,7 +5,6 @@ exit-code contract, and (torchrun, 2 gloo processes) sharded == single-process.
 Run as a script by torchrun (see test_torchrun_two_processes_equal_one)."""
 import json
 import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dera_fast.cli import main
+
 
 
 class StandInI3D(nn.Module):
@@ -361,7 +361,9 @@ def test_torchrun_two_processes_equal_one(assets, results, tmp_path):
            "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
            str(assets), str(tmp_path)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    from conftest import run_process_group  # here, not at the top: torchrun also runs this file as a script
+
+    res = run_process_group(cmd, env=env, timeout=600)
     assert res.returncode == 0 and "EVAL-DIST-OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
     for name in ("tok", "gen", "fp"):
         two = json.loads((tmp_path / f"{name}.json").read_text())

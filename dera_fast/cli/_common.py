@@ -187,9 +187,9 @@ def warn_ignored(flags: list[str], why: str) -> None:
         log.warning("warning: %s ignored: %s", names, why)
 
 
-def read_clip_video(path, model, fps):
-    """The whole video at the model's clip size and pixel range: [3, T, S, S]."""
+def read_clip_video(path, model, fps, frames: int | None = None):
+    """The video (its first ``frames`` frames; None: all) at the model's clip size and pixel range: [3, T, S, S]."""
     from dera_fast.data import read_video
 
     cfg = model.config
-    return read_video(path, size=cfg.size, fps=fps, value_range=cfg.pixel_range)  # [3, T, S, S]
+    return read_video(path, frames=frames, size=cfg.size, fps=fps, value_range=cfg.pixel_range)  # [3, T, S, S]

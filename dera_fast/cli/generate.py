@@ -65,7 +65,7 @@ def run(args) -> int:
         frames = args.context_frames or 5
         if frames >= tok.frames_per_clip:
             raise CLIError(f"--context-frames must be below the tokenizer's {tok.frames_per_clip} frames per clip")
-        video = read_clip_video(args.context, tok, None)[:, :frames]
+        video = read_clip_video(args.context, tok, None, frames=frames)  # decodes only these frames
         from dera_fast.data import repeat_last_frame  # LARP's repeat_to_m_frames: the last context frame repeated
         ctx = repeat_last_frame(video, tok.frames_per_clip)[:, : tok.frames_per_clip]
         ctx_ids = tok.encode(ctx[None].to(device)).repeat(args.num, 1)

@@ -149,21 +149,21 @@ def _clean_stale(dst: Path) -> int:
 
 
 def _write_csv(path: Path, header: list[str], rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    from dera_fast._files import write_file
+
+    def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=header)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_file(path, write)  # temporary name, fsync, rename
 
 
 def run(args) -> int:
     from concurrent.futures import ProcessPoolExecutor
 
-    from tqdm import tqdm
+    from dera_fast._progress import progress_bar
 
     from dera_fast.data.decode import require_av
 
@@ -198,8 +198,8 @@ def run(args) -> int:
     workers = min(args.workers or os.cpu_count() or 1, len(jobs))
     counts = {"done": 0, "skipped": 0, "failed": 0}
     failures, ok = [], []
-    bar = tqdm(total=len(jobs), unit="video", desc="prepare-data", disable=True if args.no_progress else None,
-               dynamic_ncols=True)
+    bar = progress_bar(total=len(jobs), unit="video", desc="prepare-data",
+                       progress=False if args.no_progress else None)
     try:
         if workers > 1:
             with ProcessPoolExecutor(workers) as pool:

@@ -55,7 +55,7 @@ class RunningMetrics:
 
 
 def run(args) -> int:
-    from tqdm import tqdm
+    from dera_fast._progress import progress_bar
 
     from dera_fast import viz
     from dera_fast.data import VideoWriter, iter_clips
@@ -75,7 +75,7 @@ def run(args) -> int:
     def decoded(ids):  # [b, 3, T, S, S] float on the CPU, clamped to the pixel range
         return model.decode(ids).float().cpu().clamp(*pixel_range)
 
-    bar = tqdm(unit="frame", desc="reconstruct", disable=True if args.no_progress else None, dynamic_ncols=True)
+    bar = progress_bar(unit="frame", desc="reconstruct", progress=False if args.no_progress else None)
     try:
         if src.suffix == ".safetensors":
             if args.metrics or args.side_by_side:  # asked-for output that cannot exist: an error, not a warning

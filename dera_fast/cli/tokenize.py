@@ -41,7 +41,7 @@ def _done(stream, per_video: bool, finished: bool = False) -> float:
 
 def run(args) -> int:
     import torch
-    from tqdm import tqdm
+    from dera_fast._progress import progress_bar
 
     from dera_fast.data import VideoFolderDataset, iter_clips
     from dera_fast.train.tokens import save_tokens, tokenizer_provenance
@@ -66,9 +66,9 @@ def run(args) -> int:
     # One bar for the whole job, with a known total from the start: a folder counts videos (advancing by the
     # fraction of each video read, so a long one still moves it), a single file counts its frames.
     per_video = len(files) > 1
-    bar = tqdm(total=len(files) if per_video else None, unit="video" if per_video else "frame", desc="tokenize",
-               disable=True if args.no_progress else None, dynamic_ncols=True,
-               bar_format=_VIDEO_BAR if per_video else None)
+    bar = progress_bar(total=len(files) if per_video else None, unit="video" if per_video else "frame",
+                       desc="tokenize", progress=False if args.no_progress else None,
+                       bar_format=_VIDEO_BAR if per_video else None)
     try:
         for path, label in zip(files, labels):
             stream = iter_clips(path, clip_len, stride, size=cfg.size, fps=args.fps, value_range=cfg.pixel_range)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._files import fsync_path
 from .._validation import check_value_range
 from .decode import AV_SUFFIXES, require_av, require_pil
 from .transforms import DEFAULT_RANGE, video_to_uint8
@@ -173,7 +174,9 @@ class VideoWriter:
                     _write_gif(self._tmp, frames, self.fps)
                 else:
                     _png_strip(frames[::self.png_every or -(-len(frames) // 8)], self._tmp)
+            fsync_path(self._tmp)  # the bytes are on disk before the rename makes them the file
             os.replace(self._tmp, self.path)
+            fsync_path(self.path.parent)
         except BaseException:
             self.abort()
             raise

@@ -80,6 +80,14 @@ def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ RNG
+def seed_everything(seed: int) -> None:
+    """Seed every RNG that :func:`rng_state` saves (Python, NumPy, torch CPU and CUDA), so a run is reproducible
+    from its config alone, and the resume check covers them all."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def rng_state() -> dict:
     """Every RNG a training step may draw from in this process: Python, NumPy, torch CPU and (when present) CUDA."""
     np_state = np.random.get_state()

@@ -182,7 +182,7 @@ class GeneratorTrainer(Trainer):
         self.fsdp = self.info.distributed
         if self.fsdp:
             self._shard()
-        torch.manual_seed(cfg.seed + self.info.rank)
+        ckpt.seed_everything(cfg.seed + self.info.rank)
         self.opt = make_adam(decay_split(self.model, weight_decay=cfg.weight_decay), cfg.lr, cfg.betas, adamw=True)
         # under FSDP2 the EMA shadows are DTensors sharded like the parameters (checkpoints gather them)
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None

@@ -226,7 +226,7 @@ class TokenizerTrainer(Trainer):
         self.device = self.info.device
         if cfg.batch_size % self.info.world_size:
             raise ValueError(f"batch_size {cfg.batch_size} is not divisible by world size {self.info.world_size}")
-        torch.manual_seed(cfg.seed + self.info.rank)
+        ckpt.seed_everything(cfg.seed + self.info.rank)
         mcfg = TokenizerConfig.from_name(cfg.model, **cfg.model_overrides)
         if cfg.prior_weight <= 0:  # no prior at all: an unused prior would also stall DDP's gradient reduction
             mcfg = mcfg.replace(prior_depth=0)
