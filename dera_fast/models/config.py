@@ -136,11 +136,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                  num_appearance_tokens=4, codebook_size=64, code_dim=8, prior_depth=2, prior_dim=32,
                  prior_heads=2, prior_max_len=16, align_hidden=128, align_dim_appearance=32,
                  align_dim_motion=32),
-    # the demo's tokenizer (issue 23, bench/results/recipe/): the tiny width and depth with 3x the tokens (16 appearance
-    # = one per 8x8 patch of frame 0, 32 motion = one per 4x8x8 tubelet) and a 256 x 16 codebook; 384 bits per clip
-    "demo": dict(num_frames=8, size=32, dim=64, num_heads=4, encoder_depth=2, decoder_depth=2, num_tokens=48,
-                 num_appearance_tokens=16, codebook_size=256, code_dim=16, prior_depth=2, prior_dim=32,
-                 prior_heads=2, prior_max_len=48, align_hidden=128, align_dim_appearance=32,
+    # the demo's CPU tokenizer (issue 16, chosen by measurement in dera_fast/demo.py's notes): the tiny width and depth
+    # with 16x16 patches, 8 appearance + 16 motion tokens and a 1024 x 16 codebook; 240 bits per clip
+    "demo": dict(num_frames=8, size=32, dim=64, num_heads=4, encoder_depth=2, decoder_depth=2, patch=16, num_tokens=24,
+                 num_appearance_tokens=8, codebook_size=1024, code_dim=16, prior_depth=2, prior_dim=32,
+                 prior_heads=2, prior_max_len=24, align_hidden=128, align_dim_appearance=32,
                  align_dim_motion=32),
     # LARP sizes (SPEC §2.3): S = 512/6/8, B = 768/8/12, L = 768/12/12; pixels in [0, 1] like LARP's checkpoints
     "larp-s": dict(_LARP, dim=512, num_heads=8, encoder_depth=6, decoder_depth=6),

@@ -151,12 +151,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                  disc_dim=32, disc_depth=2, disc_heads=2, gan_weight=0.01, gan_start=960, log_every=10,
                  teachers="random", ckpt_every=200),  # CPU smoke runs align with seeded random teachers
     # The demo's tokenizer on the real sample clips (training split, whole-frame crops), small-scale recipe, no GAN /
-    # prior / alignment (without teacher files the alignment targets would be random). "demo" is the live run
-    # (from scratch, or fine-tuning with --set init_from=...); "demo-pretrain" made the shipped demo checkpoint.
-    "demo": dict(model="demo", recipe="fast", data="samples", crop_scale=(1.0, 1.0), batch_size=16, steps=3000,
+    # prior / alignment (without teacher files the alignment targets would be random). `python -m dera_fast demo`
+    # trains it from scratch within a time budget; `train tokenizer --preset demo` runs its 8000 steps in full.
+    "demo": dict(model="demo", recipe="fast", data="samples", crop_scale=(1.0, 1.0), batch_size=16, steps=8000,
                  gan_weight=0.0, align=False, log_every=50, ckpt_every=1000, ckpt_minutes=10.0),
-    "demo-pretrain": dict(model="demo", recipe="fast", data="samples", crop_scale=(1.0, 1.0), batch_size=16,
-                          steps=15000, gan_weight=0.0, align=False, log_every=100, ckpt_every=1000, ckpt_minutes=10.0),
     # LARP-L-long (scripts/train_larp_tokenizer_reproduce.sh): 150 epochs with 8 warm-up at global batch 128,
     # steps derived from the data at run time (UCF-101 + K600 train: ~3.4x the old fixed 150k steps).
     "larp-l": dict(model="larp-l", arch="larp", batch_size=128, epochs=150, warmup_epochs=8, align=False,
