@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a tokenizer or generator (torchrun-compatible)")
     p.add_argument("what", choices=["tokenizer", "generator"])
     p.add_argument("--config", default=None, help="JSON file of training-config fields")
-    p.add_argument("--preset", default=None, help="named training preset (tokenizer: tiny, larp-l, dera-l; "
+    p.add_argument("--preset", default=None, help="named training preset (tokenizer: tiny, demo, larp-l, dera-l; "
                                                   "generator: tiny, ucf-lp, k600-fp-lp, dera-ucf, dera-k600-fp)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<what>)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's newest intact "
