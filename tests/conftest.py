@@ -153,3 +153,14 @@ def run_process_group(cmd: list[str], *, env: dict, timeout: float = 600) -> sub
     if timed_out:
         stderr += f"\n[run_process_group: killed after {timeout} s]"
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def exit_worker(code: int = 0) -> None:
+    """End a spawned / torchrun worker process now, skipping interpreter teardown. Why: torch's gloo process group
+    can deadlock in its destructor (it joins its worker thread while holding the GIL, and that thread may still need
+    the GIL to free a finished work item); seen once as a CI hang in the DDP test of test_sacp.py."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import exit_worker
 from dera_fast.models.quantizer import VectorQuantizer
 
 
@@ -226,6 +227,7 @@ def _dist_worker(rank: int, world: int, init: str, out: str) -> None:
     if rank == 0:
         torch.save({"same": all(torch.equal(gathered[0], g) for g in gathered)}, out)
     dist.destroy_process_group()
+    exit_worker()
 
 
 def test_kmeans_and_restarts_are_identical_on_every_rank(tmp_path):

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from conftest import HAS_CUDA, assert_close_to_ref, require, requires_cuda
+from conftest import HAS_CUDA, assert_close_to_ref, exit_worker, require, requires_cuda
 import dera_fast
 from dera_fast import backends
 from dera_fast.ops import gradient_gram, sacp_project
@@ -451,6 +451,7 @@ def _ddp_worker(rank, world, init_file, result_file):
     (w[0] * la + w[1] * lm + rec).backward()
     save_file({"local": local, "global": glob, "grad0": shared[0].grad.clone()}, f"{result_file}.{rank}")
     dist.destroy_process_group()
+    exit_worker()
 
 
 def test_ddp_local_and_global_weights(tmp_path):
