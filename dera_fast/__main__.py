@@ -1,7 +1,5 @@
 """``python -m dera_fast <command>``: see :mod:`dera_fast.cli`."""
-import sys
-
-from dera_fast.cli import main
+from dera_fast.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -55,6 +55,22 @@ def _one_line(e: BaseException) -> str:
     return text
 
 
+def entry() -> None:
+    """The console entry point (``dera-fast``, ``python -m dera_fast``): :func:`main`, then exit with its code.
+
+    Under torchrun (``WORLD_SIZE`` > 1) the process ends with ``os._exit`` once everything is flushed (every output
+    file is already fsynced and renamed): torch's gloo process group can deadlock in its destructor at interpreter
+    teardown (it joins its worker thread while holding the GIL); seen in a DDP test worker.
+    """
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
