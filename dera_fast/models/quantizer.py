@@ -26,7 +26,6 @@ Submodule names (``in_linear``, ``out_linear``, ``embedding``) follow LARP's bot
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -236,20 +235,24 @@ class VectorQuantizer(nn.Module):
         self.usage_ema.mul_(self.usage_decay).add_(counts, alpha=1 - self.usage_decay)
         self.idle_steps.add_(1).masked_fill_(counts > 0, 0)
 
-    def usage_stats(self) -> dict[str, float]:
-        """Codebook usage of the last training step (all ranks): ``vq_used`` (fraction of codes picked),
-        ``vq_perplexity`` (exp of the entropy of the code counts), and over the recent past ``vq_alive`` (fraction
-        of codes picked within the last restart window, or 100 steps when restarts are off) and ``vq_perplexity_ema``
-        (of the EMA counts)."""
-        def perplexity(c: Tensor) -> float:
-            p = c[c > 0].double() / c.sum().double().clamp_min(1e-12)
-            return math.exp(float(-(p * p.log()).sum())) if p.numel() else 0.0
+    def usage_tensors(self) -> dict[str, Tensor]:
+        """Codebook usage as 0-dim fp32 tensors on the codebook's device (no host sync, so a trainer can log it every
+        step): ``vq_used`` (fraction of codes picked in the last training step, all ranks), ``vq_perplexity`` (exp of
+        the entropy of those counts; 0 before any step), and over the recent past ``vq_alive`` (fraction of codes
+        picked within the last restart window, or 100 steps when restarts are off) and ``vq_perplexity_ema`` (of the
+        EMA counts)."""
+        def perplexity(c: Tensor) -> Tensor:
+            total = c.double().sum()
+            p = c.double() / total.clamp_min(1e-12)
+            return torch.where(total > 0, (-torch.xlogy(p, p).sum()).exp(), 0.0).float()
 
         window = self.restart_after or 100
-        return {"vq_used": float((self.last_counts > 0).float().mean()),
-                "vq_perplexity": perplexity(self.last_counts),
-                "vq_alive": float((self.idle_steps < window).float().mean()),
-                "vq_perplexity_ema": perplexity(self.usage_ema)}
+        return {"vq_used": (self.last_counts > 0).float().mean(), "vq_perplexity": perplexity(self.last_counts),
+                "vq_alive": (self.idle_steps < window).float().mean(), "vq_perplexity_ema": perplexity(self.usage_ema)}
+
+    def usage_stats(self) -> dict[str, float]:
+        """:meth:`usage_tensors` as Python floats."""
+        return {k: float(v) for k, v in self.usage_tensors().items()}
 
     def health_state_dict(self) -> dict[str, Tensor]:
         """The training-time codebook state (usage EMA, idle steps, last counts, pending k-means), for checkpoints."""

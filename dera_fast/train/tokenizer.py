@@ -402,7 +402,7 @@ class TokenizerTrainer(Trainer):
         logs["loss_q"] = out["loss_q"].detach()
         if "loss_entropy" in out:
             logs["loss_entropy"] = out["loss_entropy"].detach()
-        logs.update(self.model.quantizer.usage_stats())
+        logs.update(self.model.quantizer.usage_tensors())  # tensors: no device sync on the steps not logged
         if cfg.prior_weight > 0 and "loss_prior" in out:
             loss = loss + cfg.prior_weight * out["loss_prior"].float()
             logs["loss_prior"] = out["loss_prior"].detach()
