@@ -10,8 +10,9 @@ and torch.cdist + argmin at every D in {8, 16, 32, 64, 128, 256}, K in {1024, 81
 N in {1, 64}, the small-batch class of the dispatch rule), 2 threads by default (BENCH_THREADS). They run in
 interleaved rounds inside one benchmark (the machine is shared: back-to-back runs drift), with the torch path's GEMMs
 alone (``torch-gemm-only``: its lower bound, how GEMM-bound it is), and each record carries all the medians in
-``extra_info["variants"]`` plus ``gflops`` per variant and ``matmul_gflops``, the rate of a 2048^3 fp32 matmul on
-the same threads (the practical compute ceiling).
+``extra_info["variants"]`` plus ``gflops`` per variant, ``matmul_gflops`` and ``matmul_bf16_gflops``, the rates of
+a 2048^3 fp32 and bf16 matmul on the same threads (the practical compute ceilings of the fp32 tile and of the AMX
+screen), and ``cpu_kernel_isa`` (which variant of the C++ kernel ran).
 extra_info carries pairs/s, TFLOP/s (2*N*K*D), GB/s (bytes the fused kernel must move), peak memory.
 """
 import os
@@ -110,16 +111,17 @@ def _interleaved(fns: dict, rounds: int) -> dict:
     return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
 
 
-_MATMUL_GFLOPS: dict = {}  # threads -> achievable fp32 GEMM rate of this machine (MKL / oneDNN, 2048^3)
+_MATMUL_GFLOPS: dict = {}  # (threads, dtype) -> achievable GEMM rate of this machine (MKL / oneDNN, 2048^3)
 
 
-def _matmul_gflops(threads: int) -> float:
-    """The fp32 GEMM rate torch's BLAS reaches on a large square product: the practical compute ceiling."""
-    if threads not in _MATMUL_GFLOPS:
-        a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+def _matmul_gflops(threads: int, dtype=torch.float32) -> float:
+    """The GEMM rate torch's BLAS reaches on a large square product in ``dtype``: the practical compute ceiling
+    (fp32 for the fp32 tile; bf16, through oneDNN's AMX kernels where the CPU has them, for the AMX screen)."""
+    if (threads, dtype) not in _MATMUL_GFLOPS:
+        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
         ms = _interleaved({"mm": lambda: a @ b}, 5)["mm"]
-        _MATMUL_GFLOPS[threads] = 2 * 2048**3 / ms / 1e6
-    return _MATMUL_GFLOPS[threads]
+        _MATMUL_GFLOPS[threads, dtype] = 2 * 2048**3 / ms / 1e6
+    return _MATMUL_GFLOPS[threads, dtype]
 
 
 def _torch_path_gemm(z, cb):
@@ -145,6 +147,7 @@ def _cpu_grid_case(benchmark, N, K, D, rounds):
         **machine_info(), backend="auto", auto_picks=auto, shape=f"N{N}-K{K}-D{D}", N=N, K=K, D=D,
         threads=threads, rounds=rounds, ms=ms["auto"], variants=ms, baseline="torch",
         gflops={name: flops / t / 1e6 for name, t in ms.items()}, matmul_gflops=_matmul_gflops(threads),
+        matmul_bf16_gflops=_matmul_gflops(threads, torch.bfloat16),
         **{"TFLOP/s": flops / ms["auto"] / 1e9})
 
 

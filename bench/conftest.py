@@ -31,6 +31,7 @@ def machine_info() -> dict:
                                  f"threads)",
         "torch": info["torch"], "triton": info["triton"], "cuda": info["torch_cuda"],
         "ext": (info["build"] or {}).get("ext_kind"), "git_sha": (info["build"] or {}).get("git_sha"),
+        "cpu_kernel_isa": info["cpu_kernel_isa"],
     }
 
 

@@ -7,6 +7,12 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+namespace dera_fast {
+std::string vq_nearest_cpu_isa();  // csrc/vq_cpu.cpp
+}
+
 extern "C" {
 // Empty module: `import dera_fast._C` only has to load this shared object.
 PyObject* PyInit__C(void) {
@@ -20,6 +26,9 @@ TORCH_LIBRARY(dera_fast_C, m) {
   // z: [N, D] fp32/bf16/fp16; codebook: [K, D] fp32 (already l2-normalised for the cosine metric);
   // bias: [K] fp32. Returns int64 [N]: argmin_k (bias[k] - 2 <z, c_k>), first index on ties.
   m.def("vq_nearest(Tensor z, Tensor codebook, Tensor bias) -> Tensor");
+  // Which variant the CPU vq_nearest kernel runs on this machine: "amx" (AVX-512 tile + AMX-BF16 screen),
+  // "avx512", "avx2" or "scalar" (capped by DERA_FAST_CPU_ISA, read once per process).
+  m.def("vq_nearest_cpu_isa() -> str", &dera_fast::vq_nearest_cpu_isa);
   // z: [N, D] (any norm); codebook: [K, D] fp32, l2-normalised; u: [N] fp32 uniforms in [0, 1).
   // Returns int64 [N]: the inverse-CDF sample of softmax_k(cos(z, c_k) * inv_temperature) at u.
   m.def("vq_sample(Tensor z, Tensor codebook, Tensor u, float inv_temperature) -> Tensor");

@@ -24,6 +24,8 @@
 // row sits in a tile and whatever the other rows are; partial row panels are zero-padded, not handled by another
 // code path. Results are bitwise reproducible on a given machine (the ISA variant is chosen once at run time:
 // AVX-512, AVX2 + FMA, or a portable scalar version; DERA_FAST_CPU_ISA caps it).
+// On CPUs with AMX-BF16 (and D >= kAmxMinD, N >= kAmxMinN) a bf16 screening pass (vq_amx_cpu.cpp) runs first and
+// leaves this tile only the rows it cannot settle; its answers are bitwise this tile's (tests/test_vq.py).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -35,6 +37,7 @@
 #include <vector>
 
 #include "common.h"
+#include "vq_amx.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -280,28 +283,35 @@ void blocks_scalar(const T* z, int64_t N, int64_t D, const Packed& p, int64_t* o
   row_blocks<Scalar>(z, N, D, p, out, b0, b1);
 }
 
-enum class Isa { kAvx512, kAvx2, kScalar };
+enum class Isa { kAmx, kAvx512, kAvx2, kScalar };
 
-// The best variant this CPU runs, capped by DERA_FAST_CPU_ISA=avx512|avx2|scalar (tests run every variant).
+// The best variant this CPU runs, capped by DERA_FAST_CPU_ISA=amx|avx512|avx2|scalar (tests run every variant).
+// kAmx = the AVX-512 tile plus the AMX-BF16 screening pass of vq_amx_cpu.cpp (same answers, bitwise).
 Isa detect_isa() {
   const char* cap = std::getenv("DERA_FAST_CPU_ISA");
-  const std::string limit = cap ? cap : "avx512";
+  const std::string limit = cap ? cap : "amx";
 #ifdef DERA_VQ_X86
-  if (limit == "avx512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
-    return Isa::kAvx512;
+  if ((limit == "amx" || limit == "avx512") && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+    return limit == "amx" && dera_fast::vq_amx::available() ? Isa::kAmx : Isa::kAvx512;
   if (limit != "scalar" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
 #endif
   return Isa::kScalar;
 }
 
-template <typename T>
-void search(const T* z, int64_t N, int64_t D, const float* c, const float* bias, int64_t K, int64_t* out) {
+Isa cpu_isa() {
   static const Isa isa = detect_isa();
+  return isa;
+}
+
+// The fp32 tile over all rows.
+template <typename T>
+void search_fp32(const T* z, int64_t N, int64_t D, const float* c, const float* bias, int64_t K, int64_t* out) {
+  const Isa isa = cpu_isa();
   auto* fn = &blocks_scalar<T>;
   int64_t mr = Scalar::MR, nr = Scalar::V * Scalar::L;
 #ifdef DERA_VQ_X86
-  if (isa == Isa::kAvx512) {
+  if (isa == Isa::kAvx512 || isa == Isa::kAmx) {
     fn = &blocks_avx512<T>;
     mr = Avx512::MR;
     nr = Avx512::V * Avx512::L;
@@ -315,6 +325,30 @@ void search(const T* z, int64_t N, int64_t D, const float* c, const float* bias,
   // OpenMP (ATen's parallel backend) over row blocks; grain 1 block.
   at::parallel_for(0, dera_fast::ceil_div(N, kRowPanels * mr), 1,
                    [&](int64_t b0, int64_t b1) { fn(z, N, D, p, out, b0, b1); });
+}
+
+// Where the AMX screening pass pays for its codebook packing and per-tile fold (bench/bench_vq.py cpu_grid,
+// bench/results/cpu-2core/vq_nearest.md): enough dimensions per score and enough rows per call.
+constexpr int64_t kAmxMinD = 32, kAmxMinN = 16;
+
+template <typename T>
+void search(const T* z, int64_t N, int64_t D, const float* c, const float* bias, int64_t K, int64_t* out) {
+  std::vector<int64_t> rest;
+  if (cpu_isa() != Isa::kAmx || D < kAmxMinD || N < kAmxMinN ||
+      !dera_fast::vq_amx::search(z, N, D, c, bias, K, out, &rest)) {
+    search_fp32(z, N, D, c, bias, K, out);
+    return;
+  }
+  if (rest.empty()) return;
+  // rows the screen left (non-finite or huge values, many near-ties): the fp32 tile on a gathered copy; every
+  // row's answer is independent of the others (batch invariance), so gathering changes nothing
+  const int64_t R = static_cast<int64_t>(rest.size());
+  std::vector<float> zr(static_cast<size_t>(R * D));
+  std::vector<int64_t> ids(static_cast<size_t>(R));
+  for (int64_t i = 0; i < R; ++i)
+    for (int64_t d = 0; d < D; ++d) zr[i * D + d] = static_cast<float>(z[rest[i] * D + d]);
+  search_fp32(zr.data(), R, D, c, bias, K, ids.data());
+  for (int64_t i = 0; i < R; ++i) out[rest[i]] = ids[i];
 }
 
 at::Tensor vq_nearest_cpu(const at::Tensor& z, const at::Tensor& codebook, const at::Tensor& bias) {
@@ -357,5 +391,21 @@ at::Tensor vq_nearest_cpu(const at::Tensor& z, const at::Tensor& codebook, const
 }
 
 }  // namespace
+
+namespace dera_fast {
+// Declared in ops.cpp (the schema vq_nearest_cpu_isa).
+std::string vq_nearest_cpu_isa() {
+  switch (cpu_isa()) {
+    case Isa::kAmx:
+      return "amx";
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    default:
+      return "scalar";
+  }
+}
+}  // namespace dera_fast
 
 TORCH_LIBRARY_IMPL(dera_fast_C, CPU, m) { m.impl("vq_nearest", &vq_nearest_cpu); }

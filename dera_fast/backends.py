@@ -87,13 +87,24 @@ AUTO_RULES: dict[str, dict[str, dict[str, Callable[..., bool]]]] = {
 }
 
 
+_CPU_ISA_OP = "dera_fast_C::vq_nearest_cpu_isa"  # an informational query, not a kernel
+
+
+def cpu_kernel_isa() -> str | None:
+    """The variant the C++ CPU vq_nearest runs here: "amx" (AVX-512 tile plus an AMX-BF16 screening pass, same
+    answers), "avx512", "avx2" or "scalar" (DERA_FAST_CPU_ISA caps it); None without the extension."""
+    if not _ext.HAS_EXT or not hasattr(torch.ops.dera_fast_C, "vq_nearest_cpu_isa"):
+        return None
+    return torch.ops.dera_fast_C.vq_nearest_cpu_isa()
+
+
 def _probe_ext_ops() -> dict[str, frozenset[str]]:
     """Map each registered ``dera_fast_C::<op>`` to the device types it has kernels for."""
     if not _ext.HAS_EXT:
         return {}
     table = {}
     for name in torch._C._dispatch_get_all_op_names():
-        if name.startswith("dera_fast_C::"):
+        if name.startswith("dera_fast_C::") and name != _CPU_ISA_OP:
             table[name] = frozenset(dev for key, dev in _DEVICE_KEYS.items()
                                     if torch._C._dispatch_has_kernel_for_dispatch_key(name, key))
     return table
@@ -267,6 +278,7 @@ def info() -> dict:
         "extension_error": _ext.EXT_ERROR,
         "build": _ext.BUILD_INFO,
         "extension_ops": {k.split("::")[1]: sorted(v) for k, v in sorted(EXT_OPS.items())},
+        "cpu_kernel_isa": cpu_kernel_isa(),
         "backends_cpu": available("cpu"),
         "backends_cuda": available("cuda") if cuda_ok else [],
         # why each backend that targets a device cannot run there (the cuda/cpp split is not listed: by name)

@@ -335,10 +335,11 @@ print("bad", bad)
 """
 
 
-@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
 def test_vq_nearest_cpp_isa_variants(isa):
-    """The AVX2 and portable variants of the C++ kernel (this machine runs AVX-512 by default) against the
-    reference: nearest up to fp32 rounding, first index on an exact duplicate, batch invariance."""
+    """The AVX-512, AVX2 and portable variants of the C++ kernel (by default this machine adds the AMX-BF16 screen
+    to the AVX-512 one) against the reference: nearest up to fp32 rounding, first index on an exact duplicate,
+    batch invariance."""
     import os
     import subprocess
     import sys
@@ -348,3 +349,78 @@ def test_vq_nearest_cpp_isa_variants(isa):
     out = subprocess.run([sys.executable, "-c", _ISA_PROBE], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-2:] == ["bad", "0"], out.stdout
+
+
+# Adversarial inputs for the AMX-BF16 screening pass (csrc/vq_amx_cpu.cpp): its answers must be bitwise the fp32
+# tile's, so the probe runs once with DERA_FAST_CPU_ISA=amx and once with avx512 and the ids are compared.
+_AMX_PROBE = """
+import sys, torch, torch.nn.functional as F
+from dera_fast.ops import vq_nearest
+torch.manual_seed(0)
+cases = []
+def add(z, cb, metric="l2"):
+    cases.append(vq_nearest(z, cb, metric=metric, backend="cpp"))
+for N, K, D in [(16, 100, 32), (17, 1000, 47), (32, 1, 64), (33, 5, 64), (64, 1031, 65), (257, 17, 100), (100, 70, 256), (40, 300, 1000),
+                (512, 2048, 128)]:
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        z, cb = torch.randn(N, D).to(dt), torch.randn(K, D)
+        add(z, cb)
+        add(z, cb, "cosine")
+        # batch invariance: every row alone (the screen has a minimum batch; here rows 1..N-1 still take it)
+        cases.append(vq_nearest(z[1:].clone(), cb, backend="cpp"))
+N, K, D = 300, 512, 96
+base = torch.randn(K, D)
+# exact duplicates: the first index must win
+cb = base.clone(); cb[300:] = cb[:212]
+add(cb[torch.randint(0, K, (N,))] + 1e-3 * torch.randn(N, D), cb)
+# codes one ulp apart and rows equidistant between two codes (c and -c, z orthogonal to both)
+cb = base.clone(); cb[1::2] = torch.nextafter(cb[0::2], torch.full_like(cb[0::2], float("inf")))
+add(cb[torch.randint(0, K, (N,))], cb)
+cb = base.clone(); cb[K // 2:] = -cb[:K // 2]
+z = torch.randn(N, D); z -= (z @ cb[0])[:, None] * cb[0] / cb[0].dot(cb[0])
+add(z, cb)
+# many near-ties (more than the candidate slots): every code nearly the same
+add(torch.randn(N, D), base[:1] + 1e-6 * torch.randn(K, D))
+# scales: huge, tiny, denormal, mixed per row, and beyond the screen's limits (fp32 fallback)
+for scale in (1e-30, 1e-20, 1e-3, 1e6, 1e15, 1e18):
+    add(scale * torch.randn(N, D), scale * base)
+z = torch.randn(N, D) * torch.logspace(-20, 20, N)[:, None]
+add(z, base)
+add(torch.randn(N, D), torch.randn(K, D) * torch.logspace(-10, 10, K)[:, None])
+z = torch.randn(N, D); z[::7] *= 1e-41
+add(z, base)
+# sparse codes and rows (many exact zeros), integer-valued data (many exact ties)
+add((torch.rand(N, D) < 0.05).float(), (torch.rand(K, D) < 0.05).float())
+add(torch.randint(-2, 3, (N, D)).float(), torch.randint(-2, 3, (K, D)).float())
+if len(sys.argv) > 2:  # the same again with flush-to-zero on (torch.set_flush_denormal)
+    torch.set_flush_denormal(True)
+    z = torch.randn(N, D); z[::5] *= 1e-40
+    add(z, base * 1e-19)
+torch.save(cases, sys.argv[1])
+print(torch.ops.dera_fast_C.vq_nearest_cpu_isa())
+"""
+
+
+def test_vq_nearest_amx_screen_is_bitwise_the_fp32_kernel(tmp_path):
+    """The AMX-BF16 screening pass (on CPUs with AMX) returns exactly the fp32 tile's ids on adversarial inputs:
+    duplicates, one-ulp neighbours, equidistant rows, many near-ties, extreme and mixed scales, denormals with and
+    without flush-to-zero, half and bfloat16 rows, both metrics, batch invariance."""
+    import os
+    import subprocess
+    import sys
+
+    require("cpp", "vq_nearest")
+    if backends.cpu_kernel_isa() != "amx":
+        pytest.skip(f"no AMX screening here (cpu kernel: {backends.cpu_kernel_isa()})")
+    ids = {}
+    for isa in ("amx", "avx512"):
+        path = tmp_path / f"{isa}.pt"
+        env = {**os.environ, "DERA_FAST_CPU_ISA": isa}
+        out = subprocess.run([sys.executable, "-c", _AMX_PROBE, str(path), "ftz"], capture_output=True, text=True,
+                             env=env, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.split()[-1] == isa
+        ids[isa] = torch.load(path)
+    assert len(ids["amx"]) == len(ids["avx512"]) > 60
+    for i, (a, b) in enumerate(zip(ids["amx"], ids["avx512"])):
+        assert torch.equal(a, b), f"case {i}: {int((a != b).sum())} rows differ"

@@ -35,6 +35,8 @@ def run(args) -> int:
                     f"(CUDA {build.get('torch_cuda') or 'none'}, arch {build.get('cuda_arch_list') or '-'}) "
                     f"at {build.get('built_at', '?')}"),
         ("  ops", ", ".join(f"{k}[{'/'.join(v)}]" for k, v in info["extension_ops"].items()) or "none"),
+        ("  cpu vq_nearest", {"amx": "amx (AVX-512 tile + AMX-BF16 screening pass)"}.get(
+            info["cpu_kernel_isa"], info["cpu_kernel_isa"] or "-")),
         ("backends (cpu)", ", ".join(info["backends_cpu"])),
         ("backends (cuda)", ", ".join(info["backends_cuda"]) or "no CUDA device"),
         *[(f"  not on {dev}", f"{name}: {why}") for dev, reasons in info["unavailable"].items()
