@@ -12,6 +12,9 @@
 //   * a single survivor is k* itself; several are re-scored with the fp32 kernel's own FMA chain and the lowest
 //     (value, index) wins. So the answer is bitwise the fp32 kernel's: first-index ties and batch invariance hold.
 // Rows with a non-finite or huge value, or more than kCap near-ties, go back to the fp32 kernel (`rest`).
+// Floating-point modes: the bounds hold with or without flush-to-zero / denormals-are-zero, as long as every thread
+// runs the same mode (torch.set_flush_denormal sets only the calling thread's; a mixed mode makes the answer for a
+// row depend on which thread ran it, in the fp32 kernel too).
 // Layout: the codebook is packed once per call as bf16 in AMX's pair-interleaved B layout,
 // [K/16][D/32][16 dim pairs][16 codes][2]; z is converted per block of kBlock rows to row-major bf16, which the A
 // tiles read directly. Per block, for each step of 32 codes (two B tiles, L1-resident) and each 32 rows (two A tiles
@@ -147,16 +150,27 @@ DERA_TARGET_SPR bool pack_codes(const float* c, const float* bias, int64_t K, in
         p->norm[k] = round_up(norm);
         p->slack[k] = round_up(bd.beta * std::fabs(bias[k]) + bd.floor0 + bd.floor_c * norm);
       }
-      // VNNI pairs: B row j of chunk q holds, for each code n, the 32-bit word (d = 32q + 2j, 32q + 2j + 1)
-      const uint32_t* src = reinterpret_cast<const uint32_t*>(rows.get());
-      uint32_t* dst = reinterpret_cast<uint32_t*>(p->tiles.get() + g * p->chunks * 512);
+      // VNNI pairs: B row j of chunk q holds, for each code n, the pair (d = 32q + 2j, 32q + 2j + 1)
+      uint16_t* dst = p->tiles.get() + g * p->chunks * 512;
       for (int64_t q = 0; q < p->chunks; ++q)
         for (int j = 0; j < 16; ++j)
-          for (int n = 0; n < 16; ++n) dst[(q * 16 + j) * 16 + n] = src[n * (dp / 2) + q * 16 + j];
+          for (int n = 0; n < 16; ++n) {
+            const uint16_t* pair = rows.get() + n * dp + q * 32 + 2 * j;
+            dst[((q * 16 + j) * 16 + n) * 2] = pair[0];
+            dst[((q * 16 + j) * 16 + n) * 2 + 1] = pair[1];
+          }
     }
   });
   return std::none_of(bad.begin(), bad.end(), [](uint8_t b) { return b != 0; });
 }
+
+// Tile state of the calling thread for the guard's lifetime (released on every exit, exceptions included).
+struct Tiles {
+  DERA_TARGET_SPR explicit Tiles(const TileConfig& cfg) { _tile_loadconfig(&cfg); }
+  DERA_TARGET_SPR ~Tiles() { _tile_release(); }
+  Tiles(const Tiles&) = delete;
+  Tiles& operator=(const Tiles&) = delete;
+};
 
 struct Rows {  // candidate lists of one block of rows
   float U[kBlock];            // min over seen codes of s' + T (FLT_MAX before the first)
@@ -197,10 +211,12 @@ DERA_TARGET_SPR void hit(Rows& st, int64_t r, __m512 sp, __m512 t, int32_t k0) {
 
 // A second, tighter screen for rows with several survivors: the score in double, v = bias - 2 sum_d z_d c_kd
 // (fp32 products are exact in double), and e >= |v - s_k|: the fp32 chain is within g(D + 1) (|bias| + 2A) of the
-// exact score, A = sum_d |z_d c_kd|, the double sums within (D + 2) 2^-52 of that, plus 2^-120 (D + 2) for a flush
-// to zero the caller may have turned on (torch.set_flush_denormal). Usually one code is left; the rest are ties.
+// exact score, A = sum_d |z_d c_kd|, the double sums within (D + 2) 2^-52 of that; with flush-to-zero on (MXCSR FTZ,
+// e.g. torch.set_flush_denormal) the chain also loses each denormal FMA result (< 2^-126 each: 2^-120 (D + 2)) and,
+// without DAZ, each product whose -2 c_kd flushed (< 2^-126 |z_d| each: 2^-124 (|z|_1 + |c|_1)). With DAZ both sides
+// drop the same denormal inputs (the conversion to double honours it). Usually one code is left; the rest are ties.
 DERA_TARGET_SPR void near_score(const float* z, const float* c, float bias, int64_t D, double* v, double* e) {
-  __m512d dot0 = _mm512_setzero_pd(), dot1 = _mm512_setzero_pd(), abs0 = dot0, abs1 = dot0;
+  __m512d dot0 = _mm512_setzero_pd(), dot1 = _mm512_setzero_pd(), abs0 = dot0, abs1 = dot0, l1 = dot0;
   for (int64_t d = 0; d < D; d += 16) {
     const int64_t left = D - d;
     const __mmask16 m = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
@@ -213,12 +229,15 @@ DERA_TARGET_SPR void near_score(const float* z, const float* c, float bias, int6
     dot1 = _mm512_fmadd_pd(z1, c1, dot1);
     abs0 = _mm512_fmadd_pd(_mm512_abs_pd(z0), _mm512_abs_pd(c0), abs0);
     abs1 = _mm512_fmadd_pd(_mm512_abs_pd(z1), _mm512_abs_pd(c1), abs1);
+    l1 = _mm512_add_pd(l1, _mm512_add_pd(_mm512_add_pd(_mm512_abs_pd(z0), _mm512_abs_pd(z1)),
+                                          _mm512_add_pd(_mm512_abs_pd(c0), _mm512_abs_pd(c1))));
   }
   const double dot = hsum(_mm512_add_pd(dot0, dot1));
   const double a = hsum(_mm512_add_pd(abs0, abs1));
   const double e32 = 0x1p-24, n = D + 1.0, g = n * e32 / (1 - n * e32);
   *v = static_cast<double>(bias) - 2 * dot;
-  *e = 1.01 * (g + (D + 2) * 0x1p-52) * (std::fabs(static_cast<double>(bias)) + 2 * a) + 0x1p-120 * (D + 2);
+  *e = 1.01 * ((g + (D + 2) * 0x1p-52) * (std::fabs(static_cast<double>(bias)) + 2 * a) + 0x1p-120 * (D + 2) +
+               0x1p-124 * hsum(l1));
 }
 
 struct Pair {       // a (row, code) score to recompute exactly
@@ -276,7 +295,7 @@ DERA_TARGET_SPR void run_blocks(const T* z, int64_t N, int64_t D, const float* c
     cfg.rows[t] = 16;
     cfg.colsb[t] = 64;
   }
-  _tile_loadconfig(&cfg);
+  const Tiles tiles(cfg);
   for (int64_t blk = b0; blk < b1; ++blk) {
     const int64_t n0 = blk * kBlock, rows = std::min(kBlock, N - n0), sub = ceil_div(rows, int64_t(32));
     for (int64_t r = 0; r < sub * 32; ++r) {
@@ -378,7 +397,6 @@ DERA_TARGET_SPR void run_blocks(const T* z, int64_t N, int64_t D, const float* c
       }
     }
   }
-  _tile_release();
 }
 
 }  // namespace

@@ -392,35 +392,73 @@ add(z, base)
 # sparse codes and rows (many exact zeros), integer-valued data (many exact ties)
 add((torch.rand(N, D) < 0.05).float(), (torch.rand(K, D) < 0.05).float())
 add(torch.randint(-2, 3, (N, D)).float(), torch.randint(-2, 3, (K, D)).float())
-if len(sys.argv) > 2:  # the same again with flush-to-zero on (torch.set_flush_denormal)
-    torch.set_flush_denormal(True)
-    z = torch.randn(N, D); z[::5] *= 1e-40
-    add(z, base * 1e-19)
 torch.save(cases, sys.argv[1])
 print(torch.ops.dera_fast_C.vq_nearest_cpu_isa())
 """
 
+# Denormals under each flush mode (MXCSR FTZ / DAZ, set through glibc's fenv; MXCSR is per thread, so one thread).
+_AMX_FTZ_PROBE = """
+import ctypes, ctypes.util, sys, torch
+import dera_fast.ops
+torch.set_num_threads(1)
+libm = ctypes.CDLL(ctypes.util.find_library("m"))
+env = ctypes.create_string_buffer(64)
+FTZ, DAZ = 1 << 15, 1 << 6
+def set_mode(bits):  # x86-64 glibc fenv_t: the MXCSR is the 32-bit word at byte 28
+    assert libm.fegetenv(env) == 0
+    env[28:32] = ((int.from_bytes(env.raw[28:32], "little") & ~(FTZ | DAZ)) | bits).to_bytes(4, "little")
+    assert libm.fesetenv(env) == 0
+torch.manual_seed(0)
+N, D, K = 48, 64, 40
+inputs = []
+z = torch.zeros(N, D); z[:, 0] = 2.0**39
+cb = torch.zeros(2, D); cb[0, 0] = -(2.0**-130)  # -2c flushes under FTZ alone: code 0 ties code 1 there
+inputs.append((z, cb, torch.zeros(2)))
+cb = torch.zeros(2, D); cb[0, 0] = -(1.5 * 2.0**-127)
+inputs.append((z, cb, torch.zeros(2)))
+z = torch.zeros(N, D); z[:, 0] = 1e-39
+cb = torch.zeros(2, D); cb[1, 0] = 2.0**39
+inputs.append((z, cb, torch.zeros(2)))
+for scale in (2.0**-126, 2.0**-130, 1e-20):
+    z = torch.randn(N, D) * torch.where(torch.rand(N, D) < 0.5, scale, 1.0)
+    cb = torch.randn(K, D) * torch.where(torch.rand(K, D) < 0.5, scale, 1.0)
+    cb[1::2, :8] = cb[0::2, :8] * 2.0**-120
+    inputs.append((z, cb, (cb.double() ** 2).sum(1).float()))
+out = []
+for bits in (0, FTZ, DAZ, FTZ | DAZ):
+    set_mode(bits)
+    out += [torch.ops.dera_fast_C.vq_nearest(z, cb, bias) for z, cb, bias in inputs]
+    set_mode(0)
+torch.save(out, sys.argv[1])
+print(torch.ops.dera_fast_C.vq_nearest_cpu_isa())
+"""
 
-def test_vq_nearest_amx_screen_is_bitwise_the_fp32_kernel(tmp_path):
+
+@pytest.mark.parametrize("probe", ["cases", "flush-modes"])
+def test_vq_nearest_amx_screen_is_bitwise_the_fp32_kernel(tmp_path, probe):
     """The AMX-BF16 screening pass (on CPUs with AMX) returns exactly the fp32 tile's ids on adversarial inputs:
-    duplicates, one-ulp neighbours, equidistant rows, many near-ties, extreme and mixed scales, denormals with and
-    without flush-to-zero, half and bfloat16 rows, both metrics, batch invariance."""
+    duplicates, one-ulp neighbours, equidistant rows, many near-ties, extreme and mixed scales, denormals, half and
+    bfloat16 rows, both metrics, batch invariance; and, on one thread, denormals under every flush mode (FTZ, DAZ)."""
     import os
+    import platform
     import subprocess
     import sys
 
     require("cpp", "vq_nearest")
     if backends.cpu_kernel_isa() != "amx":
         pytest.skip(f"no AMX screening here (cpu kernel: {backends.cpu_kernel_isa()})")
+    if probe == "flush-modes" and not (platform.system() == "Linux" and platform.machine() == "x86_64"):
+        pytest.skip("the flush modes are set through x86-64 glibc's fenv_t")
     ids = {}
     for isa in ("amx", "avx512"):
         path = tmp_path / f"{isa}.pt"
         env = {**os.environ, "DERA_FAST_CPU_ISA": isa}
-        out = subprocess.run([sys.executable, "-c", _AMX_PROBE, str(path), "ftz"], capture_output=True, text=True,
-                             env=env, timeout=600)
+        code = _AMX_PROBE if probe == "cases" else _AMX_FTZ_PROBE
+        out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env,
+                             timeout=600)
         assert out.returncode == 0, out.stderr[-2000:]
         assert out.stdout.split()[-1] == isa
         ids[isa] = torch.load(path)
-    assert len(ids["amx"]) == len(ids["avx512"]) > 60
+    assert len(ids["amx"]) == len(ids["avx512"]) >= 24
     for i, (a, b) in enumerate(zip(ids["amx"], ids["avx512"])):
         assert torch.equal(a, b), f"case {i}: {int((a != b).sum())} rows differ"
