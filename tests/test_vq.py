@@ -458,7 +458,7 @@ def test_vq_nearest_amx_screen_is_bitwise_the_fp32_kernel(tmp_path, probe):
                              timeout=600)
         assert out.returncode == 0, out.stderr[-2000:]
         assert out.stdout.split()[-1] == isa
-        ids[isa] = torch.load(path)
+        ids[isa] = torch.load(path, weights_only=True)
     assert len(ids["amx"]) == len(ids["avx512"]) >= 24
     for i, (a, b) in enumerate(zip(ids["amx"], ids["avx512"])):
         assert torch.equal(a, b), f"case {i}: {int((a != b).sum())} rows differ"
