@@ -89,11 +89,17 @@ struct Bound {
   }
 };
 
-// Horizontal sum / minimum through memory. NOTE: GCC 12's _mm512_reduce_* trip -Wuninitialized in its own header.
+// Small vector helpers. NOTE: GCC 12's _mm512_reduce_* and the plain (non-maskz) extract / convert forms trip
+// -Wuninitialized in its own header; these avoid them.
 DERA_TARGET_SPR double hsum(__m512d x) {
   alignas(64) double t[8];
   _mm512_store_pd(t, x);
   return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+}
+// Lanes [8 * half, 8 * half + 8) of x in double (exact).
+DERA_TARGET_SPR __m512d widen(__m512 x, int half) {
+  return half ? _mm512_maskz_cvtps_pd(0xFF, _mm512_maskz_extractf32x8_ps(0xFF, x, 1))
+              : _mm512_maskz_cvtps_pd(0xFF, _mm512_maskz_extractf32x8_ps(0xFF, x, 0));
 }
 DERA_TARGET_SPR float hmin(__m512 x) {
   alignas(64) float t[16];
@@ -109,9 +115,7 @@ DERA_TARGET_SPR double to_bf16_row(const float* x, int64_t n, int64_t n_pad, flo
     const int64_t left = n - d;
     const __mmask16 m = left >= 16 ? __mmask16(0xFFFF) : left > 0 ? __mmask16((1u << left) - 1) : __mmask16(0);
     const __m512 v = _mm512_maskz_loadu_ps(m, x + d);
-    // NOTE: the maskz forms: GCC 12 warns on the undefined pass-through of the plain ones
-    const __m512d lo = _mm512_maskz_cvtps_pd(0xFF, _mm512_maskz_extractf32x8_ps(0xFF, v, 0));
-    const __m512d hi = _mm512_maskz_cvtps_pd(0xFF, _mm512_maskz_extractf32x8_ps(0xFF, v, 1));
+    const __m512d lo = widen(v, 0), hi = widen(v, 1);
     s0 = _mm512_fmadd_pd(lo, lo, s0);
     s1 = _mm512_fmadd_pd(hi, hi, s1);
     const __m256bh h = _mm512_cvtneps_pbh(_mm512_mul_ps(v, k));  // NOTE: -2x is exact; the rounding is bf16's
@@ -221,10 +225,7 @@ DERA_TARGET_SPR void near_score(const float* z, const float* c, float bias, int6
     const int64_t left = D - d;
     const __mmask16 m = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
     const __m512 zv = _mm512_maskz_loadu_ps(m, z + d), cv = _mm512_maskz_loadu_ps(m, c + d);
-    const __m512d z0 = _mm512_maskz_cvtps_pd(0xFF, _mm512_maskz_extractf32x8_ps(0xFF, zv, 0));
-    const __m512d z1 = _mm512_maskz_cvtps_pd(0xFF, _mm512_maskz_extractf32x8_ps(0xFF, zv, 1));
-    const __m512d c0 = _mm512_maskz_cvtps_pd(0xFF, _mm512_maskz_extractf32x8_ps(0xFF, cv, 0));
-    const __m512d c1 = _mm512_maskz_cvtps_pd(0xFF, _mm512_maskz_extractf32x8_ps(0xFF, cv, 1));
+    const __m512d z0 = widen(zv, 0), z1 = widen(zv, 1), c0 = widen(cv, 0), c1 = widen(cv, 1);
     dot0 = _mm512_fmadd_pd(z0, c0, dot0);
     dot1 = _mm512_fmadd_pd(z1, c1, dot1);
     abs0 = _mm512_fmadd_pd(_mm512_abs_pd(z0), _mm512_abs_pd(c0), abs0);
@@ -240,31 +241,12 @@ DERA_TARGET_SPR void near_score(const float* z, const float* c, float bias, int6
                0x1p-124 * hsum(l1));
 }
 
-struct Pair {       // a (row, code) score to recompute exactly
-  const float* z;  // the row in fp32
-  int32_t k;
-  int32_t r;       // row within the block
-};
-
-// The fp32 kernel's scores of `pairs`: bias_k, then fma(z_d, -2 c_kd, .) for d = 0, 1, ..., D - 1, exactly its
-// sequence of roundings. NOTE: kChains chains run interleaved only to hide the FMA latency; each keeps its order.
-DERA_TARGET_SPR void exact_scores(const Pair* pairs, int64_t n, const float* c, const float* bias, int64_t D,
-                                  float* out) {
-  constexpr int kChains = 8;
-  for (int64_t i0 = 0; i0 < n; i0 += kChains) {
-    const float* zp[kChains];
-    const float* cp[kChains];
-    float acc[kChains];
-    for (int j = 0; j < kChains; ++j) {  // a short last group repeats its last pair
-      const Pair& q = pairs[std::min<int64_t>(i0 + j, n - 1)];
-      zp[j] = q.z;
-      cp[j] = c + q.k * D;
-      acc[j] = bias[q.k];
-    }
-    for (int64_t d = 0; d < D; ++d)
-      for (int j = 0; j < kChains; ++j) acc[j] = std::fma(zp[j][d], -2.0f * cp[j][d], acc[j]);
-    for (int64_t j = 0; j < std::min<int64_t>(kChains, n - i0); ++j) out[i0 + j] = acc[j];
-  }
+// The fp32 kernel's score of (z, code k): bias, then fma(z_d, -2 c_kd, .) for d = 0, 1, ..., D - 1, exactly its
+// sequence of roundings (only true ties get here, after near_score).
+DERA_TARGET_SPR float exact_score(const float* z, const float* c, float bias, int64_t D) {
+  float acc = bias;
+  for (int64_t d = 0; d < D; ++d) acc = std::fma(z[d], -2.0f * c[d], acc);
+  return acc;
 }
 
 // Row `src` as fp32: the row itself, or its conversion in `buf` (D floats).
@@ -287,8 +269,6 @@ DERA_TARGET_SPR void run_blocks(const T* z, int64_t N, int64_t D, const float* c
   std::vector<uint16_t> a(static_cast<size_t>(kBlock * dp));  // the A tiles (tileloadd needs no alignment)
   // fp32 copies of the rows to re-score (only when z is not fp32 already)
   std::vector<float> zf(std::is_same_v<T, float> ? 0 : static_cast<size_t>(kBlock * D));
-  std::vector<Pair> pairs;
-  std::vector<float> scores;
   alignas(64) float cbuf[32 * 32];
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) {
@@ -357,44 +337,38 @@ DERA_TARGET_SPR void run_blocks(const T* z, int64_t N, int64_t D, const float* c
       }
     }
     // resolve: a single survivor is the answer; several go through near_score, and what is still tied is
-    // re-scored exactly (all of the block's such pairs at once)
-    pairs.clear();
+    // re-scored exactly (in increasing code order: strict < keeps the first index of the minimum)
     for (int64_t r = 0; r < rows; ++r) {
       if (st->skip[r]) {
         to_rest[n0 + r] = 1;
         continue;
       }
+      int32_t* ks = st->k[r];
       int survivors = 0;
       for (int i = 0; i < st->count[r]; ++i)
-        if (st->lo[r][i] <= st->U[r]) st->k[r][survivors++] = st->k[r][i];
+        if (st->lo[r][i] <= st->U[r]) ks[survivors++] = ks[i];
       const float* zr = zf.empty() ? reinterpret_cast<const float*>(z + (n0 + r) * D) : zf.data() + r * D;  // fp32
       if (survivors > 1) {  // the tighter screen
         double v[kCap], e[kCap], u = std::numeric_limits<double>::infinity();
         for (int i = 0; i < survivors; ++i) {
-          const int32_t k = st->k[r][i];
-          near_score(zr, c + k * D, p.bias[k], D, &v[i], &e[i]);
+          near_score(zr, c + ks[i] * D, p.bias[ks[i]], D, &v[i], &e[i]);
           u = std::min(u, v[i] + e[i]);
         }
         int left = 0;
         for (int i = 0; i < survivors; ++i)
-          if (v[i] - e[i] <= u) st->k[r][left++] = st->k[r][i];
+          if (v[i] - e[i] <= u) ks[left++] = ks[i];
         survivors = left;
       }
-      if (survivors == 1) {
-        out[n0 + r] = st->k[r][0];
-        continue;
+      int32_t best = ks[0];
+      float best_v = survivors > 1 ? exact_score(zr, c + best * D, p.bias[best], D) : 0.0f;
+      for (int i = 1; i < survivors; ++i) {
+        const float v = exact_score(zr, c + ks[i] * D, p.bias[ks[i]], D);
+        if (v < best_v) {
+          best_v = v;
+          best = ks[i];
+        }
       }
-      for (int i = 0; i < survivors; ++i) pairs.push_back({zr, st->k[r][i], static_cast<int32_t>(r)});
-    }
-    scores.resize(pairs.size());
-    exact_scores(pairs.data(), static_cast<int64_t>(pairs.size()), c, p.bias.data(), D, scores.data());
-    for (size_t i = 0; i < pairs.size(); ++i) {  // a row's pairs are consecutive, codes increasing: strict < keeps
-      const bool first = i == 0 || pairs[i - 1].r != pairs[i].r;  // the first index of the minimum
-      if (first || scores[i] < scores[i - 1]) {
-        out[n0 + pairs[i].r] = pairs[i].k;
-      } else {
-        scores[i] = scores[i - 1];  // carry the row's running minimum
-      }
+      out[n0 + r] = best;
     }
   }
 }
